@@ -1,0 +1,140 @@
+"""The adapter contract: what every method receives, and what it must return.
+
+An ``Adapter`` is an ``nn.Module`` whose ``__init__`` takes scalars only (so every ``conf/adapter/*.yaml``
+instantiates without a model). The runner then calls, in this order:
+
+1. ``setup(ctx)``: the frozen side (text head, support cache, backbone) arrives;
+2. ``fit(train, val)``: training for trainable adapters, model selection on ``val`` only;
+3. ``tune(val)``: search of the declared hyperparameter grid on ``val`` only;
+4. ``forward(x)`` on the test split, once.
+
+``forward`` maps ``[B, D]`` float32 L2-normalised features (or ``[B, 3, S, S]`` pixels when ``input_kind``
+is ``"pixels"``) to ``[B, C]`` float32 logits. The backbone is never registered as a submodule, so
+``state_dict()`` holds only what the adapter learned.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FeatureSplit:
+    """Cached features with labels: ``features [N, D]`` float32 normalised, ``labels [N]`` int64."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class SupportSet:
+    """The few-shot cache.
+
+    ``keys [N, D]``: view-averaged, renormalised features; ``labels [N]`` int64;
+    ``views [A, N, D]``: per-view features (None when the store keeps none).
+    """
+
+    keys: torch.Tensor
+    labels: torch.Tensor
+    views: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class AdapterContext:
+    """The frozen side handed to ``Adapter.setup``.
+
+    ``text_head [C, D]``: L2-normalised zero-shot weights in the order of ``classnames``.
+    ``backbone``: the ``FrozenClip`` (needed by prompt learners and pixel adapters only).
+    """
+
+    classnames: list[str]
+    text_head: torch.Tensor
+    support: SupportSet
+    logit_scale: float = 100.0
+    backbone: Any = None
+    device: torch.device = torch.device("cpu")
+    seed: int = 1
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classnames)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent (0-100). ``logits [N, C]``, ``labels [N]``; ties go to the lowest class."""
+    if labels.numel() == 0:
+        raise ValueError("accuracy of an empty split")
+    correct = int((logits.argmax(dim=-1) == labels.to(logits.device)).sum())
+    return correct * 100.0 / labels.numel()
+
+
+class Adapter(nn.Module, ABC):
+    """Base class of every method. Subclasses set the class attributes and implement ``forward``."""
+
+    input_kind: ClassVar[str] = "features"  # or "pixels" for adapters that change the image encoder
+    trainable: ClassVar[bool] = False
+    cost: ClassVar[str] = "training-free"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ctx: AdapterContext | None = None
+        self.register_buffer("text_head", torch.empty(0), persistent=False)
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, ctx: AdapterContext) -> None:
+        """Receive the frozen side. Subclasses extend this to build their modules."""
+        self.ctx = ctx
+        self.text_head = ctx.text_head.float().to(ctx.device)
+
+    def fit(self, train: SupportSet, val: FeatureSplit) -> dict[str, Any]:
+        """Train on the support set; select models on ``val`` only. Training-free adapters do nothing.
+
+        Returns a record of what was done (epochs, selection), stored in ``result.json``.
+        """
+        return {}
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` features (or ``[B, 3, S, S]`` pixels) -> ``[B, C]`` float32 logits."""
+
+    def hparam_grid(self) -> dict[str, Sequence[Any]]:
+        """Hyperparameters to search on val, as ``{attribute: values}`` (searched in row-major order)."""
+        return {}
+
+    def hparams(self) -> dict[str, Any]:
+        """Current values of the searched hyperparameters (recorded in ``result.json``)."""
+        return {k: getattr(self, k) for k in self.hparam_grid()}
+
+    def tune(self, val: FeatureSplit) -> dict[str, Any]:
+        """Search ``hparam_grid()`` on ``val`` and keep the best. Override for a faster exact search."""
+        from adapters.tuning import grid_search
+
+        return grid_search(self, val)
+
+    # ------------------------------------------------------------------ shared pieces
+    def zero_shot_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """CLIP's zero-shot logits: ``logit_scale * f @ text_head^T``, ``[B, D] -> [B, C]``."""
+        scale = self.ctx.logit_scale if self.ctx is not None else 100.0
+        return scale * features.float() @ self.text_head.t()
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Logits in eval mode, batched: ``[N, ...] -> [N, C]`` float32 on CPU."""
+        was_training = self.training
+        self.eval()
+        out = [self(x[i : i + batch_size].to(self.text_head.device)).float().cpu()
+               for i in range(0, len(x), batch_size)]
+        self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, len(self.text_head))

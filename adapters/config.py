@@ -1,0 +1,65 @@
+"""The typed spine of the configuration (Hydra structured config) and where the YAML files live.
+
+Groups (``backbone``, ``dataset``, ``adapter``) stay free-form: each YAML names its ``_target_``. The
+top-level run settings are typed, so ``shots=abc`` fails when the config is composed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class FewShotConfig:
+    allow_fewer: bool = False  # a class with < K train images: error (False) or take all with a warning
+
+
+@dataclass
+class AugmentConfig:
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip_p: float = 0.5
+
+
+@dataclass
+class RunConfig:
+    backbone: Any = MISSING
+    dataset: Any = MISSING
+    adapter: Any = MISSING
+    shots: int = 16
+    seed: int = 1
+    cache_dir: str = ".fewclip_cache"
+    views: int = 10
+    batch_size: int = 64
+    num_workers: int | None = None
+    device: str = "auto"
+    progress: bool = True
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="fewclip_schema", node=RunConfig)
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` folder: ``$FEWCLIP_CONF`` or the one beside the installed sources (editable install)."""
+    env = os.environ.get("FEWCLIP_CONF")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"fewclip's config folder was not found at {path}. Install from a checkout with "
+            "'pip install -e .', or point FEWCLIP_CONF at the repository's conf/ folder."
+        )
+    return path
+
+
+def group_options(group: str) -> list[str]:
+    """Names in a config group: the YAML file stems (the file is the name)."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))

@@ -1,0 +1,160 @@
+"""One job: (backbone, dataset, adapter, shots, seed) -> ``result.json``. Orchestration only, no method math.
+
+Order of work, which is also the protocol:
+
+1. build the backbone and the dataset; draw K shots per class from train and min(K, 4) per class from val;
+2. build or load the text head, support and val stores;
+3. ``adapter.setup`` -> ``fit(support, val)`` -> ``tune(val)``: every choice is made on val;
+4. build or load the test store and evaluate on it, once;
+5. write ``result.json`` atomically (a run that dies leaves none).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, accuracy
+from caches.builder import CacheBuilder, describe_stores
+from caches.data.augment import AugmentSpec
+from caches.data.fewshot import persist_fewshot, sample_fewshot, select
+from caches.store import KVStore
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    """The config-group option a job used (``tip`` for ``adapter=tip``): the file is the name."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices[group])
+    except (ValueError, KeyError):
+        node = cfg.get(group)
+        if isinstance(node, DictConfig) and node.get("name"):
+            return str(node.name)
+        return str(node.get("_target_", "?")).rsplit(".", 1)[-1] if node is not None else "?"
+
+
+def versions() -> dict[str, str]:
+    import faiss
+    import hydra
+    import open_clip
+    import sklearn
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        fewclip = version("fewclip")
+    except PackageNotFoundError:
+        fewclip = "source"
+    return {"fewclip": fewclip, "python": platform.python_version(), "torch": torch.__version__,
+            "open_clip": open_clip.__version__, "faiss": getattr(faiss, "__version__", "?"),
+            "sklearn": sklearn.__version__, "hydra": hydra.__version__}
+
+
+def _features(store: KVStore) -> FeatureSplit:
+    return FeatureSplit(features=store.keys(), labels=store.labels())
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run one job and write ``result.json`` into ``out_dir`` (default: the Hydra output directory)."""
+    t_start = time.perf_counter()
+    if out_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = HydraConfig.get().runtime.output_dir
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {g: _choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
+    timings: dict[str, float] = {}
+
+    backbone = instantiate(cfg.backbone)
+    dataset = instantiate(cfg.dataset)
+    fewshot = sample_fewshot(dataset, cfg.shots, cfg.seed, allow_fewer=cfg.fewshot.allow_fewer)
+    fewshot_path = persist_fewshot(fewshot, Path(cfg.cache_dir) / "fewshot" / dataset.name)
+
+    builder = CacheBuilder(backbone, cfg.cache_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                           progress=cfg.progress)
+    aug = AugmentSpec(scale=tuple(cfg.augment.scale), ratio=tuple(cfg.augment.ratio), flip_p=cfg.augment.flip_p)
+    stores = {
+        "text": builder.text(dataset),
+        "support": builder.support(dataset, select(dataset, "train", fewshot.train), cfg.shots, cfg.seed,
+                                   views=cfg.views, aug=aug),
+        "val": builder.features(dataset, "val", select(dataset, "val", fewshot.val)),
+    }
+    support = SupportSet(keys=stores["support"].keys(), labels=stores["support"].labels(),
+                         views=stores["support"].view_features())
+    val = _features(stores["val"])
+
+    adapter: Adapter = instantiate(cfg.adapter)
+    if adapter.input_kind != "features":
+        raise NotImplementedError(f"adapter {names['adapter']} needs pixels; the runner serves features only")
+    ctx = AdapterContext(classnames=list(dataset.classnames), text_head=stores["text"].keys(), support=support,
+                         logit_scale=backbone.logit_scale, backbone=backbone, device=backbone.device,
+                         seed=cfg.seed)
+    adapter.setup(ctx)
+    t = time.perf_counter()
+    fit_record = adapter.fit(support, val)
+    timings["fit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    selection = adapter.tune(val)
+    timings["search"] = time.perf_counter() - t
+    val_acc = accuracy(adapter.predict(val.features), val.labels)
+
+    # The only place the test split is read: encoded (or loaded) here, evaluated once.
+    stores["test"] = builder.features(dataset, "test", dataset.splits["test"])
+    t = time.perf_counter()
+    test = _features(stores["test"])
+    test_acc = accuracy(adapter.predict(test.features), test.labels)
+    timings["eval"] = time.perf_counter() - t
+    timings["encode"] = builder.encode_seconds
+    timings["total"] = time.perf_counter() - t_start
+
+    result = {
+        "dataset": names["dataset"],
+        "adapter": names["adapter"],
+        "backbone": names["backbone"],
+        "shots": int(cfg.shots),
+        "seed": int(cfg.seed),
+        "n_classes": dataset.n_classes,
+        "n_support": len(support),
+        "n_val": len(val),
+        "n_test": len(test),
+        "n_test_skipped": len(stores["test"].manifest.get("skipped", [])),
+        "val_acc": val_acc,
+        "test_acc": test_acc,
+        "hparams": adapter.hparams(),
+        "selection": {**selection, "fit": fit_record, "val_images_per_class": min(int(cfg.shots), 4)},
+        "protocol": {"templates": dataset.templates, "split_source": dataset.source.get("split_source"),
+                     "val_shots": min(int(cfg.shots), 4), "views": int(cfg.views),
+                     "backbone_weights": backbone.weights_id},
+        "cache": describe_stores(stores),
+        "cache_activity": {"built": builder.built, "loaded": builder.loaded,
+                           "encoded_images": builder.encoded_images},
+        "fewshot_ids": str(fewshot_path),
+        "timings_s": timings,
+        "versions": versions(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json_atomic(out / RESULT_FILE, result)
+    log.info("%s %s %s k=%d seed=%d: val %.2f%% test %.2f%% (%s)", result["dataset"], result["adapter"],
+             result["backbone"], cfg.shots, cfg.seed, val_acc, test_acc, out / RESULT_FILE)
+    return result

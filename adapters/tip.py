@@ -1,0 +1,137 @@
+"""Tip-Adapter, training-free (Zhang et al., ECCV 2022; gaopengcuhk/Tip-Adapter).
+
+    logits = 100 f W^T + alpha * exp(-beta (1 - f K^T)) V
+
+with K the cache keys (view-averaged support features) and V their one-hot labels. Because V is one-hot,
+``A V`` is a per-class sum of the affinity columns, so it is computed with ``index_add`` over the key axis
+instead of a dense ``[N, C]`` matmul. alpha and beta are searched on val only, on the reference's grid
+(beta in [0.1, beta_max), alpha in [0.1, alpha_max), 200 x 20 steps).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from adapters.base import Adapter, AdapterContext, FeatureSplit
+
+log = logging.getLogger(__name__)
+
+
+def linear_grid(lo: float, hi: float, steps: int) -> list[float]:
+    """The reference search grid: ``lo + i (hi - lo) / steps`` for i in [0, steps) (hi excluded)."""
+    return [lo + i * (hi - lo) / steps for i in range(steps)]
+
+
+def class_sum(values: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Sum columns by class: ``[B, N] x labels [N] -> [B, C]``, i.e. ``values @ one_hot(labels)``."""
+    out = values.new_zeros(values.shape[0], n_classes)
+    return out.index_add_(1, labels.to(values.device), values)
+
+
+def alpha_accuracies(zs: torch.Tensor, cache: torch.Tensor, labels: torch.Tensor,
+                     alphas: torch.Tensor) -> torch.Tensor:
+    """Accuracy (percent) of ``argmax(zs + alpha * cache)`` for every alpha, exactly, in one pass over C.
+
+    Needs ``cache >= 0`` and ``alphas >= 0``. For alpha >= a_min the best score is at least
+    ``max_k(zs_k + a_min cache_k)``, and a class scores at most ``zs_j + a_max cache_j``; classes below that
+    bound can never win, so only the few candidates per query are compared for each alpha.
+
+    Args:
+        zs, cache: ``[Q, C]``; labels: ``[Q]``; alphas: ``[S]``.
+    Returns:
+        ``[S]`` accuracies in percent. Ties go to the lowest class index, as with ``argmax``.
+    """
+    a_lo, a_hi = float(alphas.min()), float(alphas.max())
+    upper = zs + a_hi * cache
+    bound = (zs + a_lo * cache).max(dim=1, keepdim=True).values
+    n_cand = int((upper >= bound).sum(dim=1).max())
+    labels = labels.to(zs.device)
+    if n_cand * 4 > zs.shape[1]:  # pruning would not pay: compare all classes
+        cand = torch.arange(zs.shape[1], device=zs.device).expand_as(zs)
+    else:
+        cand = upper.topk(n_cand, dim=1).indices
+        # Sort candidates by class index so that the first maximum below is the lowest class, like argmax.
+        cand = cand.sort(dim=1).values
+    z_c, c_c = zs.gather(1, cand), cache.gather(1, cand)
+    correct = []
+    for a in alphas.tolist():
+        pred = cand.gather(1, (z_c + a * c_c).argmax(dim=1, keepdim=True)).squeeze(1)
+        correct.append((pred == labels).sum())
+    return torch.stack(correct).double() * 100.0 / labels.numel()
+
+
+class TipAdapter(Adapter):
+    """Training-free Tip-Adapter.
+
+    Args:
+        alpha: residual ratio of the cache logits (overwritten by the search when ``search``).
+        beta: sharpness of the affinity (idem).
+        search: search (beta, alpha) on val.
+        beta_max, alpha_max: upper ends of the search ranges (Tip-Adapter's ``search_scale``).
+        beta_steps, alpha_steps: grid sizes (Tip-Adapter's ``search_step``).
+        chunk: queries per block when computing affinities (bounds memory at ``chunk x N`` floats).
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
+                 alpha_max: float = 3.0, beta_steps: int = 200, alpha_steps: int = 20,
+                 chunk: int = 2048) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.search = float(alpha), float(beta), bool(search)
+        self.beta_max, self.alpha_max = float(beta_max), float(alpha_max)
+        self.beta_steps, self.alpha_steps, self.chunk = int(beta_steps), int(alpha_steps), int(chunk)
+        self.register_buffer("keys", torch.empty(0), persistent=False)
+        self.register_buffer("values", torch.empty(0, dtype=torch.int64), persistent=False)
+
+    def setup(self, ctx: AdapterContext) -> None:
+        super().setup(ctx)
+        self.keys = ctx.support.keys.float().to(ctx.device)
+        self.values = ctx.support.labels.to(ctx.device)
+
+    def hparam_grid(self) -> dict[str, list[float]]:
+        if not self.search:
+            return {}
+        return {"beta": linear_grid(0.1, self.beta_max, self.beta_steps),
+                "alpha": linear_grid(0.1, self.alpha_max, self.alpha_steps)}
+
+    def hparams(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "beta": self.beta}
+
+    def cache_logits(self, features: torch.Tensor, beta: float) -> torch.Tensor:
+        """``exp(-beta (1 - f K^T)) V``: ``[B, D] -> [B, C]`` (one-hot V as a per-class sum)."""
+        n_cls = self.text_head.shape[0]
+        out = []
+        for i in range(0, features.shape[0], self.chunk):
+            affinity = features[i : i + self.chunk].float() @ self.keys.t()
+            out.append(class_sum(torch.exp(-beta * (1.0 - affinity)), self.values, n_cls))
+        return torch.cat(out) if out else features.new_zeros(0, n_cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D] -> [B, C]``."""
+        return self.zero_shot_logits(x) + self.alpha * self.cache_logits(x, self.beta)
+
+    @torch.no_grad()
+    def tune(self, val: FeatureSplit) -> dict[str, Any]:
+        """Exact search of the (beta, alpha) grid on val: one affinity pass per beta, all alphas at once.
+
+        Picks the first best point in beta-major order, like ``tuning.grid_search`` over the same grid.
+        """
+        grid = self.hparam_grid()
+        if not grid:
+            return {"method": "fixed", "on": "none"}
+        feats = val.features.to(self.text_head.device).float()
+        labels = val.labels.to(feats.device)
+        zs = self.zero_shot_logits(feats)
+        alphas = torch.tensor(grid["alpha"], dtype=torch.float64)
+        best_acc, best = -1.0, (self.beta, self.alpha)
+        for beta in grid["beta"]:
+            accs = alpha_accuracies(zs, self.cache_logits(feats, beta), labels, alphas.float())
+            j = int(accs.argmax())  # first maximum: lowest alpha among ties
+            if float(accs[j]) > best_acc:
+                best_acc, best = float(accs[j]), (beta, grid["alpha"][j])
+        self.beta, self.alpha = best
+        log.info("Tip-Adapter search on val: beta=%.3f alpha=%.3f -> %.2f%%", self.beta, self.alpha, best_acc)
+        return {"method": "grid (vectorised over alpha)", "on": "val",
+                "grid_size": len(grid["beta"]) * len(grid["alpha"]), "val_acc": best_acc}

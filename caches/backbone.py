@@ -1,0 +1,303 @@
+"""The frozen CLIP backbone: an open_clip model, its preprocessing and tokenizer.
+
+``FrozenClip`` is the only object in fewclip that runs the CLIP encoders on images or text for caching.
+Everything it returns is float32, L2-normalised and computed without gradients.
+
+Weights come from one of four places:
+
+* an open_clip architecture name with a pretrained tag (``model=ViT-B-16 pretrained=openai``), fetched
+  through open_clip for users with internet, or read from the local Hugging Face cache when present;
+* a local weights file (``pretrained=/path/to/weights.bin``);
+* an open_clip ``local-dir:`` folder holding ``open_clip_config.json`` and a checkpoint;
+* ``model=fewclip-tiny`` with ``pretrained=null``: a tiny randomly initialised model built from a fixed
+  seed, so it is the same model on every machine and needs no download (tests and demos).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL = "fewclip-tiny"
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_HF_HOST = ("huggingface.co", 443)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights cannot be fetched or found locally."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the backbone expects of an image: square side, normalisation and resize interpolation."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _register_fewclip_configs() -> None:
+    import open_clip
+
+    if TINY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_hash(module: torch.nn.Module) -> str:
+    """Hex sha256 over parameter names, shapes and bytes: identifies randomly initialised weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cached_hub_file(hf_hub: str, cache_dir: str | None) -> str | None:
+    """Path of the tag's weights in the local Hugging Face cache, or None (no network access)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - open_clip depends on huggingface_hub
+        return None
+    # open_clip's convention: "org/repo/file.bin", or "org/repo/" for its default file name.
+    model_id, filename = os.path.split(hf_hub)
+    names = [filename] if filename else []
+    # open_clip prefers safetensors twins of the .bin it names; look for both.
+    names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    for name in names:
+        hit = try_to_load_from_cache(repo_id=model_id, filename=name, cache_dir=cache_dir)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    return None
+
+
+def _network_reachable(timeout_s: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(_HF_HOST, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_message(model: str, tag: str) -> str:
+    return (
+        f"Cannot fetch pretrained weights for backbone model={model} pretrained={tag}: no network access "
+        f"to {_HF_HOST[0]} (or HF_HUB_OFFLINE is set) and the weights are not in the local Hugging Face "
+        "cache.\nFixes: download the weights on a machine with internet and pass the file with "
+        f"'backbone.model={model} backbone.pretrained=/path/to/open_clip_pytorch_model.bin' (or an open_clip "
+        "folder with 'backbone.model=local-dir:/path/to/folder'), copy a Hugging Face cache into HF_HOME, "
+        "or run the offline demo with 'backbone=tiny'."
+    )
+
+
+def resolve_weights(model: str, pretrained: str | None, cache_dir: str | None = None) -> tuple[str | None, dict]:
+    """Turn (model, pretrained) into a local weights path (or None) and the tag's preprocessing.
+
+    Fails within seconds with ``WeightsUnavailableError`` when a tag's weights are neither cached nor
+    reachable, instead of letting the hub client retry for a minute.
+    """
+    import open_clip
+
+    if pretrained is None or model.startswith(("local-dir:", "hf-hub:")):
+        return None, {}
+    if os.path.isfile(pretrained):
+        return pretrained, {}
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not tag_cfg:
+        if os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
+            raise FileNotFoundError(f"backbone.pretrained={pretrained}: no such weights file.")
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise ValueError(
+            f"Unknown pretrained tag '{pretrained}' for open_clip model '{model}'. Known tags: {tags}. "
+            "Pass a weights file path instead of a tag to use local weights."
+        )
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        hit = _cached_hub_file(hub, cache_dir)
+        if hit:
+            return hit, preprocess
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or not _network_reachable():
+        raise WeightsUnavailableError(_offline_message(model, pretrained))
+    from open_clip.pretrained import download_pretrained
+
+    try:
+        path = download_pretrained(tag_cfg, cache_dir=cache_dir)
+    except Exception as e:  # the hub client raises many types; name the fix either way
+        raise WeightsUnavailableError(_offline_message(model, pretrained) + f"\nCause: {e}") from e
+    return path, preprocess
+
+
+class FrozenClip:
+    """A frozen open_clip model with batched, no-grad, L2-normalised encoders.
+
+    Args:
+        model: open_clip architecture name (``ViT-B-16``, ``RN50-quickgelu``, ``fewclip-tiny``) or
+            ``local-dir:/path``.
+        pretrained: a pretrained tag, a local weights file, or None (random init; only sensible for the
+            tiny model).
+        name: short name used in cache paths and results (defaults to the model name).
+        seed: seed for random initialisation when ``pretrained`` is None.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        weights_cache_dir: where open_clip keeps downloaded weights (None: the hub default).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None = None,
+        name: str | None = None,
+        seed: int = 0,
+        device: str = "auto",
+        weights_cache_dir: str | None = None,
+    ) -> None:
+        import open_clip
+
+        _register_fewclip_configs()
+        self.model_name = model
+        self.pretrained = pretrained
+        self.name = name or model.replace("/", "-").replace(":", "_")
+        self.device = default_device() if device == "auto" else torch.device(device)
+        weights, tag_preprocess = resolve_weights(model, pretrained, weights_cache_dir)
+        kwargs: dict[str, Any] = {"device": self.device}
+        if tag_preprocess:
+            kwargs["force_preprocess_cfg"] = tag_preprocess
+        # Random initialisation draws from the global torch RNG; fork it so that building the model neither
+        # depends on nor disturbs the caller's random state, and the tiny model is identical everywhere.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if model.startswith("local-dir:"):
+                self.model = open_clip.create_model(model, device=self.device)
+            else:
+                self.model = open_clip.create_model(model, pretrained=weights, **kwargs)
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model)
+        pcfg = open_clip.model.get_model_preprocess_cfg(self.model)
+        size = pcfg.get("size", 224)
+        size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        self.image_spec = ImageSpec(
+            size=int(size),
+            mean=tuple(float(v) for v in pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+            std=tuple(float(v) for v in pcfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+            interpolation=str(pcfg.get("interpolation", "bicubic")),
+        )
+        self.logit_scale = 100.0  # CLIP's learned scale is ~100; the few-shot literature fixes it at 100.
+        self.weights_id = self._weights_id(weights)
+        self.dim = int(self._probe_dim())
+
+    def _weights_id(self, weights: str | None) -> str:
+        if self.pretrained is None and not self.model_name.startswith("local-dir:"):
+            return "random:" + state_dict_hash(self.model)[:16]
+        if weights is not None and self.pretrained is not None and os.path.isfile(self.pretrained):
+            return "file-sha256:" + sha256_file(weights)[:16]
+        if self.model_name.startswith("local-dir:"):
+            return "local-dir-sha256:" + state_dict_hash(self.model)[:16]
+        return f"tag:{self.pretrained}"
+
+    def _probe_dim(self) -> int:
+        with torch.no_grad():
+            return self.encode_texts(["a"]).shape[-1]
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that identifies the encoder's outputs (goes into cache fingerprints)."""
+        return {
+            "name": self.name,
+            "model": self.model_name,
+            "pretrained": self.pretrained if self.pretrained is None or not os.path.isfile(self.pretrained)
+            else os.path.basename(self.pretrained),
+            "weights_id": self.weights_id,
+            "precision": "fp32",
+            "image": self.image_spec.as_dict(),
+            "dim": self.dim,
+        }
+
+    def _autocast(self):
+        # AMP on CUDA only; CPU stays float32 so cached features are reproducible bit for bit.
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Encode a preprocessed batch.
+
+        Args:
+            pixels: ``[B, 3, S, S]`` normalised images (any device).
+        Returns:
+            ``[B, D]`` float32 L2-normalised features on the backbone's device.
+        """
+        pixels = pixels.to(self.device, non_blocking=True)
+        with self._autocast():
+            feats = self.model.encode_image(pixels)
+        return F.normalize(feats.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Encode strings. Returns ``[T, D]`` float32 L2-normalised features."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
+            with self._autocast():
+                feats = self.model.encode_text(tokens)
+            out.append(F.normalize(feats.float(), dim=-1))
+        return torch.cat(out) if out else torch.empty(0, 0)
+
+    @torch.no_grad()
+    def text_head(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """Zero-shot classifier: per class, the renormalised mean of the normalised template embeddings.
+
+        Returns:
+            ``[C, D]`` float32, rows L2-normalised, in the order of ``classnames``.
+        """
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError(f"Every prompt template must contain '{{}}'; got {list(templates)}")
+        prompts = [t.format(c) for c in classnames for t in templates]
+        feats = self.encode_texts(prompts).view(len(classnames), len(templates), -1)
+        return F.normalize(feats.mean(dim=1), dim=-1)
+
+
+def load_backbone(
+    model: str,
+    pretrained: str | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    weights_cache_dir: str | None = None,
+) -> FrozenClip:
+    """Hydra entry point for ``conf/backbone/*.yaml``."""
+    log.info("loading backbone model=%s pretrained=%s", model, pretrained)
+    return FrozenClip(model, pretrained, name=name, seed=seed, device=device,
+                      weights_cache_dir=weights_cache_dir)
+
