@@ -20,12 +20,18 @@ log = logging.getLogger("fewclip")
 USAGE = __doc__ or ""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_error(e: BaseException) -> BaseException | None:
+    """The bad-input error behind ``e`` (Hydra wraps errors raised while instantiating), or None."""
     from caches.backbone import WeightsUnavailableError
     from caches.data.records import DatasetError
     from caches.store import StoreError
 
-    return (DatasetError, WeightsUnavailableError, StoreError, FileNotFoundError)
+    kinds = (DatasetError, WeightsUnavailableError, StoreError, FileNotFoundError)
+    while e is not None:
+        if isinstance(e, kinds):
+            return e
+        e = e.__cause__
+    return None
 
 
 def _run_hydra(overrides: list[str]) -> int:
@@ -41,8 +47,10 @@ def _run_hydra(overrides: list[str]) -> int:
     def job(cfg: DictConfig) -> None:
         try:
             res = run(cfg)
-        except _user_errors() as e:
-            log.error("%s", e)
+        except Exception as e:
+            if (err := user_error(e)) is None:
+                raise
+            log.error("%s", err)
             raise SystemExit(2) from None
         sys.stdout.write(
             f"{res['dataset']} {res['adapter']} {res['backbone']} k={res['shots']} seed={res['seed']}: "
@@ -105,8 +113,10 @@ def demo(argv: list[str]) -> int:
         cfg = compose([f"adapter={name}", *args.overrides])
         try:
             res = run(cfg, out_dir=Path(args.out) / name)
-        except _user_errors() as e:
-            log.error("%s", e)
+        except Exception as e:
+            if (err := user_error(e)) is None:
+                raise
+            log.error("%s", err)
             return 2
         rows.append({"adapter": name, "val acc": res["val_acc"], "test acc": res["test_acc"],
                      "hparams": _fmt_hparams(res["hparams"]),

@@ -48,12 +48,12 @@ def _choice(cfg: DictConfig, group: str) -> str:
 
 
 def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import faiss
     import hydra
     import open_clip
     import sklearn
-
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         fewclip = version("fewclip")

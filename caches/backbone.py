@@ -16,7 +16,6 @@ Weights come from one of four places:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import socket

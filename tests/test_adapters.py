@@ -1,0 +1,123 @@
+"""Zero-shot and Tip-Adapter against independent computations written here."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import synthetic_features
+
+from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
+from adapters.tip import TipAdapter, alpha_accuracies, linear_grid
+from adapters.tuning import grid_search
+from adapters.zero_shot import ZeroShot
+
+
+def _ctx(text, keys, labels, names=None):
+    names = names or [f"c{i}" for i in range(text.shape[0])]
+    return AdapterContext(classnames=names, text_head=text, support=SupportSet(keys=keys, labels=labels))
+
+
+def test_zero_shot_is_scaled_cosine():
+    text = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=-1)
+    f = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    zs = ZeroShot()
+    zs.setup(_ctx(text, f, torch.tensor([0, 1])))
+    expected = torch.tensor([[100 * 0.0, 100 * 0.8], [100 * 1.0, 100 * 0.6]])
+    torch.testing.assert_close(zs(f), expected)
+
+
+def test_tip_logits_hand_computed():
+    # 2 classes, 3 keys in 2-D; the cache term is written out key by key.
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    s = 1 / math.sqrt(2)
+    keys = torch.tensor([[1.0, 0.0], [s, s], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    f = torch.tensor([[s, s], [0.6, 0.8]])
+    tip = TipAdapter(alpha=2.0, beta=3.0, search=False)
+    tip.setup(_ctx(text, keys, labels))
+    expected = torch.zeros(2, 2)
+    for q in range(2):
+        for c in range(2):
+            cache = sum(math.exp(-3.0 * (1 - float(f[q] @ keys[n]))) for n in range(3) if labels[n] == c)
+            expected[q, c] = 100 * float(f[q] @ text[c]) + 2.0 * cache
+    torch.testing.assert_close(tip(f), expected)
+
+
+def test_tip_matches_dense_one_hot_formula_and_alpha_zero_is_zero_shot():
+    x, y, means = synthetic_features(7, 5, 16, noise=0.6, seed=0)
+    text = F.normalize(means + 0.3 * torch.randn(means.shape, generator=torch.Generator().manual_seed(1)), dim=-1)
+    q, _, _ = synthetic_features(7, 3, 16, noise=0.6, seed=2, means=means)
+    tip = TipAdapter(alpha=1.3, beta=5.5, search=False, chunk=4)  # small chunks exercise the blocking
+    tip.setup(_ctx(text, x, y))
+    dense = torch.exp(-5.5 * (1 - q @ x.t())) @ F.one_hot(y, 7).float()
+    torch.testing.assert_close(tip(q), 100 * q @ text.t() + 1.3 * dense, rtol=1e-5, atol=1e-4)
+    tip.alpha = 0.0
+    zs = ZeroShot()
+    zs.setup(_ctx(text, x, y))
+    torch.testing.assert_close(tip(q), zs(q))
+
+
+def test_linear_grid_is_the_reference_grid():
+    g = linear_grid(0.1, 7.0, 200)
+    assert len(g) == 200 and g[0] == pytest.approx(0.1) and g[-1] < 7.0
+    assert g[1] - g[0] == pytest.approx((7.0 - 0.1) / 200)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_alpha_accuracies_equal_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    zs = torch.randn(200, 30, generator=g) * 3
+    cache = torch.rand(200, 30, generator=g) * 4
+    if seed == 3:  # a sharp cache: few candidates survive, the pruned path is used
+        cache = cache ** 6
+    labels = torch.randint(0, 30, (200,), generator=g)
+    alphas = torch.tensor(linear_grid(0.1, 3.0, 20))
+    fast = alpha_accuracies(zs, cache, labels, alphas)
+    slow = [accuracy(zs + a * cache, labels) for a in alphas.tolist()]
+    assert fast.tolist() == pytest.approx(slow, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_tip_search_equals_the_plain_grid_loop(seed):
+    x, y, means = synthetic_features(6, 4, 12, noise=0.9, seed=seed)
+    g = torch.Generator().manual_seed(10 + seed)
+    text = F.normalize(means + 1.0 * torch.randn(means.shape, generator=g), dim=-1)
+    v, vy, _ = synthetic_features(6, 8, 12, noise=0.9, seed=20 + seed, means=means)
+    val = FeatureSplit(features=v, labels=vy)
+    kw = dict(beta_max=9.0, alpha_max=4.0, beta_steps=25, alpha_steps=10)
+    fast, slow = TipAdapter(**kw), TipAdapter(**kw)
+    fast.setup(_ctx(text, x, y))
+    slow.setup(_ctx(text, x, y))
+    rec_fast = fast.tune(val)
+    rec_slow = grid_search(slow, val)
+    assert (fast.beta, fast.alpha) == (slow.beta, slow.alpha)
+    assert rec_fast["val_acc"] == rec_slow["val_acc"] == accuracy(fast.predict(v), vy)
+    # and it really is the best point of the grid (independent loop)
+    best = max(
+        accuracy(100 * v @ text.t() + a * (torch.exp(-b * (1 - v @ x.t())) @ F.one_hot(y, 6).float()), vy)
+        for b, a in itertools.product(fast.hparam_grid()["beta"], fast.hparam_grid()["alpha"])
+    )
+    assert rec_fast["val_acc"] == pytest.approx(best)
+
+
+def test_tip_cache_helps_on_separable_features():
+    # text head is uninformative (random); the cache must carry the task
+    x, y, means = synthetic_features(5, 8, 16, noise=0.3, seed=4)
+    text = F.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
+    v, vy, _ = synthetic_features(5, 4, 16, noise=0.3, seed=6, means=means)
+    t, ty, _ = synthetic_features(5, 20, 16, noise=0.3, seed=7, means=means)
+    tip = TipAdapter(alpha_max=50.0, beta_max=10.0, beta_steps=10, alpha_steps=10)
+    tip.setup(_ctx(text, x, y))
+    tip.tune(FeatureSplit(v, vy))
+    assert accuracy(tip.predict(t), ty) > accuracy(100 * t @ text.t(), ty) + 30
+
+
+def test_state_dict_holds_no_backbone_or_cache():
+    tip = TipAdapter()
+    x, y, means = synthetic_features(3, 2, 8, noise=0.1, seed=0)
+    tip.setup(_ctx(means, x, y))
+    assert tip.state_dict() == {}

@@ -1,0 +1,113 @@
+"""The runner end to end: result.json, cache reuse, the test split read once, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapters.cli import compose
+from adapters.runner import run
+from caches.store import KVStore
+
+REQUIRED = {"dataset", "adapter", "backbone", "shots", "seed", "n_classes", "n_test", "test_acc", "val_acc",
+            "hparams", "selection", "cache", "timings_s", "versions", "config"}
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return compose([f"cache_dir={tmp_path / 'cache'}", "progress=false", "device=cpu", *extra])
+
+
+def test_tip_run_writes_a_result_that_an_independent_computation_reproduces(tmp_path):
+    res = run(_cfg(tmp_path, "adapter=tip", "shots=4", "views=2", "adapter.beta_steps=10",
+                   "adapter.alpha_steps=5"), out_dir=tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert REQUIRED <= set(saved)
+    assert saved["dataset"] == "digits" and saved["adapter"] == "tip" and saved["backbone"] == "tiny"
+    assert saved["n_classes"] == 10 and saved["shots"] == 4 and saved["n_support"] == 40
+    assert saved["n_val"] == 40  # min(K, 4) = 4 per class
+    assert set(saved["timings_s"]) >= {"encode", "fit", "search", "eval", "total"}
+    assert saved["selection"]["on"] == "val"
+    assert saved["config"]["adapter"]["_target_"] == "adapters.tip.TipAdapter"
+    assert res["test_acc"] == saved["test_acc"]
+
+    # Recompute the test accuracy from the stores with the chosen hparams, by the paper's formula.
+    stores = {k: KVStore.load(v["path"], v["fingerprint"]) for k, v in saved["cache"].items()}
+    keys, vals = stores["support"].keys(), stores["support"].labels()
+    text, x, y = stores["text"].keys(), stores["test"].keys(), stores["test"].labels()
+    a, b = saved["hparams"]["alpha"], saved["hparams"]["beta"]
+    logits = 100 * x @ text.t() + a * torch.exp(-b * (1 - x @ keys.t())) @ F.one_hot(vals, 10).float()
+    expected = float((logits.argmax(1) == y).float().mean()) * 100
+    assert saved["test_acc"] == pytest.approx(expected, abs=1e-6)
+    assert saved["n_test"] == len(y) == 539
+
+    again = run(_cfg(tmp_path, "adapter=tip", "shots=4", "views=2", "adapter.beta_steps=10",
+                     "adapter.alpha_steps=5"), out_dir=tmp_path / "out2")
+    assert again["cache_activity"]["encoded_images"] == 0 and again["cache_activity"]["built"] == []
+    assert again["test_acc"] == saved["test_acc"] and again["hparams"] == saved["hparams"]
+
+
+def test_test_split_is_read_once_and_last(tmp_path, monkeypatch):
+    from adapters import tip as tip_module
+    from caches import builder as builder_module
+
+    events: list[str] = []
+    real_features = builder_module.CacheBuilder.features
+    real_tune = tip_module.TipAdapter.tune
+
+    def features(self, dataset, split, samples):
+        events.append(f"features:{split}")
+        return real_features(self, dataset, split, samples)
+
+    def tune(self, val):
+        events.append("tune")
+        assert len(val) == 10 * 2
+        return real_tune(self, val)
+
+    monkeypatch.setattr(builder_module.CacheBuilder, "features", features)
+    monkeypatch.setattr(tip_module.TipAdapter, "tune", tune)
+    run(_cfg(tmp_path, "adapter=tip", "shots=2", "views=1", "adapter.beta_steps=4", "adapter.alpha_steps=4"),
+        out_dir=tmp_path / "o")
+    assert events == ["features:val", "tune", "features:test"]
+
+
+def test_folder_dataset_run(tmp_path, split_folder):
+    res = run(_cfg(tmp_path, "dataset=folder", f"dataset.root={split_folder}", "adapter=zero_shot", "shots=3",
+                   "views=1"), out_dir=tmp_path / "o")
+    assert res["n_classes"] == 2 and res["n_test"] == 8 and res["n_support"] == 6
+    assert res["protocol"]["split_source"] == "given"
+
+
+def _fewclip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "adapters.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_run_and_sweep(tmp_path):
+    common = [f"cache_dir={tmp_path / 'cache'}", "shots=1", "views=1", "progress=false",
+              "adapter.beta_steps=5", "adapter.alpha_steps=5"]
+    p = _fewclip("run", "adapter=tip", *common, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert res["adapter"] == "tip" and "test" in p.stdout
+
+    p = _fewclip("run", "-m", "adapter=zero_shot,tip", *common[:-2], f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                 cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    found = sorted(json.loads(f.read_text())["adapter"] for f in (tmp_path / "sweep").rglob("result.json"))
+    assert found == ["tip", "zero_shot"]
+
+    p = _fewclip("run", "adapter=nope", cwd=tmp_path)
+    assert p.returncode != 0 and "Available options" in p.stderr + p.stdout
+
+    p = _fewclip("run", "dataset=folder", f"dataset.root={tmp_path / 'missing'}", *common[:-2], cwd=tmp_path)
+    assert p.returncode == 2 and "does not exist" in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr
