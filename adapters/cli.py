@@ -5,6 +5,9 @@
     fewclip demo [--out DIR] [OVERRIDES...]
                                       every adapter on the embedded digits set with the tiny backbone,
                                       then a comparison table
+    fewclip data check dataset=NAME [--no-open] [OVERRIDES...]
+                                      validate a local copy of a dataset (files, split file, counts,
+                                      unreadable images); exit code 1 when something is wrong
 """
 
 from __future__ import annotations
@@ -146,6 +149,30 @@ def demo(argv: list[str]) -> int:
     return 0
 
 
+def data_check(argv: list[str]) -> int:
+    """Validate a dataset's local copy and print what is missing with the expected layout."""
+    from hydra.utils import instantiate
+
+    from caches.data.check import check_dataset, format_report
+
+    p = argparse.ArgumentParser(prog="fewclip data check", description=data_check.__doc__)
+    p.add_argument("--no-open", action="store_true", help="do not open every image (faster)")
+    p.add_argument("overrides", nargs="*", help="dataset=NAME and other overrides (dataset.root=...)")
+    args = p.parse_args(argv)
+    _quiet_logging()
+    cfg = compose(args.overrides)
+    try:
+        dataset = instantiate(cfg.dataset)
+    except Exception as e:
+        if (err := user_error(e)) is None:
+            raise
+        sys.stdout.write(f"dataset {cfg.dataset.name}: cannot be read\n{err}\n")
+        return 1
+    report = check_dataset(dataset, open_images=not args.no_open, progress=cfg.progress)
+    sys.stdout.write(format_report(report) + "\n")
+    return 1 if report.problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -156,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_hydra(rest)
     if cmd == "demo":
         return demo(rest)
+    if cmd == "data" and rest[:1] == ["check"]:
+        return data_check(rest[1:])
     sys.stderr.write(f"fewclip: unknown command '{cmd}'\n{USAGE}")
     return 2
 

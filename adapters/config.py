@@ -35,6 +35,8 @@ class RunConfig:
     shots: int = 16
     seed: int = 1
     cache_dir: str = ".fewclip_cache"
+    data_root: str = "data"
+    targets: list[str] = field(default_factory=list)
     views: int = 10
     batch_size: int = 64
     num_workers: int | None = None

@@ -27,6 +27,7 @@ from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, acc
 from caches.builder import CacheBuilder, describe_stores
 from caches.data.augment import AugmentSpec
 from caches.data.fewshot import persist_fewshot, sample_fewshot, select
+from caches.data.records import DatasetError
 from caches.store import KVStore
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,19 @@ def versions() -> dict[str, str]:
             "sklearn": sklearn.__version__, "hydra": hydra.__version__}
 
 
+def instantiate_node(node: Any) -> Any:
+    """``hydra.utils.instantiate``, but a bad-input error raised by the target surfaces as itself (Hydra
+    wraps it in an ``InstantiationException`` whose text buries the message)."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (DatasetError, FileNotFoundError, ValueError, RuntimeError)):
+            raise e.__cause__ from None
+        raise
+
+
 def _features(store: KVStore) -> FeatureSplit:
     return FeatureSplit(features=store.keys(), labels=store.labels())
 
@@ -72,6 +86,45 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
     os.replace(tmp, path)
+
+
+def load_dataset_option(cfg: DictConfig, name: str) -> Any:
+    """Instantiate ``conf/dataset/<name>.yaml`` outside the defaults list (evaluation targets)."""
+    from adapters.config import conf_dir
+
+    path = conf_dir() / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        from adapters.config import group_options
+
+        raise FileNotFoundError(f"unknown target dataset '{name}'; available: {group_options('dataset')}")
+    node = OmegaConf.load(path)
+    if "defaults" in node:
+        raise ValueError(f"target '{name}' uses a defaults list; name the dataset it extends instead")
+    # Interpolations such as ${data_root} resolve against the run's config.
+    root = OmegaConf.create({"data_root": cfg.data_root, "device": cfg.device, "target": node})
+    return instantiate_node(root.target)
+
+
+def evaluate_target(cfg: DictConfig, name: str, source: Any, adapter: Adapter, builder: CacheBuilder) -> dict:
+    """Score the fitted adapter on an evaluation-only dataset, once.
+
+    Classes map through the target's ``parent_labels`` (ImageNet-A/R: 200 of ImageNet's 1000 classes), so
+    only those logits compete; without them the class names must equal the fitted dataset's.
+    """
+    target = load_dataset_option(cfg, name)
+    if target.parent_labels is not None:
+        if source.source.get("subsample", "all") != "all" or max(target.parent_labels) >= source.n_classes:
+            raise ValueError(f"target {name} is labelled in its parent dataset's full label space; fit on the "
+                             "whole parent dataset (subsample=all)")
+        columns = torch.tensor(target.parent_labels)
+    elif target.classnames == source.classnames:
+        columns = torch.arange(source.n_classes)
+    else:
+        raise ValueError(f"target {name} has other classes than {source.name} and no label mapping")
+    store = builder.features(target, "test", target.splits["test"])
+    feats = _features(store)
+    acc = accuracy(adapter.predict(feats.features)[:, columns], feats.labels)
+    return {"test_acc": acc, "n_test": len(feats), "cache": describe_stores({"test": store})["test"]}
 
 
 def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -86,8 +139,11 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     names = {g: _choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
     timings: dict[str, float] = {}
 
-    backbone = instantiate(cfg.backbone)
-    dataset = instantiate(cfg.dataset)
+    backbone = instantiate_node(cfg.backbone)
+    dataset = instantiate_node(cfg.dataset)
+    if not dataset.splits["train"]:
+        raise DatasetError(f"dataset {dataset.name} is evaluation-only (no train split): fit on its parent and "
+                           f"pass targets=[{dataset.name}]")
     fewshot = sample_fewshot(dataset, cfg.shots, cfg.seed, allow_fewer=cfg.fewshot.allow_fewer)
     fewshot_path = persist_fewshot(fewshot, Path(cfg.cache_dir) / "fewshot" / dataset.name)
 
@@ -125,6 +181,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     test = _features(stores["test"])
     test_acc = accuracy(adapter.predict(test.features), test.labels)
     timings["eval"] = time.perf_counter() - t
+    targets = {name: evaluate_target(cfg, name, dataset, adapter, builder) for name in cfg.get("targets", [])}
     timings["encode"] = builder.encode_seconds
     timings["total"] = time.perf_counter() - t_start
 
@@ -141,6 +198,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         "n_test_skipped": len(stores["test"].manifest.get("skipped", [])),
         "val_acc": val_acc,
         "test_acc": test_acc,
+        "targets": targets,
         "hparams": adapter.hparams(),
         "selection": {**selection, "fit": fit_record, "val_images_per_class": min(int(cfg.shots), 4)},
         "protocol": {"templates": dataset.templates, "split_source": dataset.source.get("split_source"),

@@ -22,6 +22,7 @@ from caches.data.records import (
     Sample,
     classname_from_folder,
     stratified_split,
+    subsample_classes,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def load_digits(
     fractions: Sequence[float] = (0.5, 0.2, 0.3),
     split_seed: int = 0,
     name: str = "digits",
+    subsample: str = "all",
 ) -> DigitsDataset:
     """The embedded demo set, split train/val/test by a seeded stratified split."""
     import sklearn
@@ -73,7 +75,7 @@ def load_digits(
         split: [Sample(id=f"digits/{i}", label=int(labels[i])) for i in part]
         for split, part in zip(SPLITS, parts)
     }
-    return DigitsDataset(
+    ds = DigitsDataset(
         name=name,
         classnames=list(DIGIT_NAMES),
         templates=list(templates),
@@ -83,6 +85,7 @@ def load_digits(
         in_memory=True,
         images=images,
     )
+    return subsample_classes(ds, subsample)
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -99,6 +102,7 @@ def load_folder(
     fractions: Sequence[float] = (0.5, 0.2, 0.3),
     split_seed: int = 0,
     name: str = "folder",
+    subsample: str = "all",
 ) -> ImageDataset:
     """The user's own images, one sub-folder per class.
 
@@ -149,7 +153,7 @@ def load_folder(
     missing = [s for s in ("train", "test") if not {x.label for x in splits[s]} >= set(range(len(folders)))]
     if missing:
         log.warning("dataset %s: some classes have no images in %s", name, missing)
-    return ImageDataset(
+    ds = ImageDataset(
         name=name,
         classnames=[classname_from_folder(f) for f in folders],
         templates=list(templates),
@@ -157,3 +161,132 @@ def load_folder(
         source={"kind": source_kind, "root": str(base.resolve()), "fractions": fr, "split_seed": split_seed,
                 "split_source": split_source},
     )
+    return subsample_classes(ds, subsample)
+
+
+FASHION_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot"]
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX array (the MNIST file format), gzip-compressed or not."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DatasetError(f"{path}: {body.size} bytes of data for shape {shape} (truncated?)")
+    return body.reshape(shape)
+
+
+@dataclass
+class ArrayDataset(ImageDataset):
+    """Images kept in memory as a ``[N, H, W]`` uint8 array; sample ids are ``<split>/<row>``."""
+
+    arrays: dict[str, np.ndarray] | None = None
+
+    def load_image(self, sample: Sample) -> Image.Image:
+        split, row = sample.id.split("/")
+        return Image.fromarray(self.arrays[split][int(row)], mode="L").convert("RGB")
+
+
+def load_fashion_mnist(
+    root: str,
+    templates: Sequence[str],
+    val_fraction: float = 1 / 6,
+    split_seed: int = 1,
+    name: str = "fashion_mnist",
+    subsample: str = "all",
+) -> ArrayDataset:
+    """Fashion-MNIST from its IDX files (``train-*`` 60k, ``t10k-*`` 10k; ``.gz`` or not).
+
+    The official test set is the test split; ``val_fraction`` of train (stratified, seeded) is the val split.
+    Debian's ``dataset-fashion-mnist`` package installs the files in ``/usr/share/datasets/fashion-mnist``.
+    """
+    base = Path(root).expanduser()
+    layout = "  " + "\n  ".join(f"{base}/{f}[.gz]" for pair in FASHION_FILES.values() for f in pair)
+    if not base.is_dir():
+        raise DatasetError(f"{name}: folder {base} is missing (apt-get install dataset-fashion-mnist, or set "
+                           f"dataset.root).\nExpected:\n{layout}")
+
+    def find(stem: str) -> Path:
+        for cand in (base / f"{stem}.gz", base / stem):
+            if cand.is_file():
+                return cand
+        raise DatasetError(f"{name}: {stem}[.gz] not found in {base}.\nExpected:\n{layout}")
+
+    arrays, labels = {}, {}
+    for split, (img, lab) in FASHION_FILES.items():
+        arrays[split], labels[split] = read_idx(find(img)), read_idx(find(lab)).astype(int)
+        if arrays[split].ndim != 3 or len(arrays[split]) != len(labels[split]):
+            raise DatasetError(f"{name}: {split} images {arrays[split].shape} do not match labels "
+                               f"{labels[split].shape}")
+    tr, va = stratified_split(labels["train"], [1 - val_fraction, val_fraction], split_seed)
+    splits = {
+        "train": [Sample(f"train/{i}", int(labels["train"][i])) for i in tr],
+        "val": [Sample(f"train/{i}", int(labels["train"][i])) for i in va],
+        "test": [Sample(f"test/{i}", int(y)) for i, y in enumerate(labels["test"])],
+    }
+    ds = ArrayDataset(name=name, classnames=list(FASHION_CLASSES), templates=list(templates), splits=splits,
+                      source={"kind": "fashion-mnist-idx", "root": str(base.resolve()), "split_source":
+                              "standard test; val carved from train", "split_seed": split_seed},
+                      in_memory=True, arrays=arrays)
+    return subsample_classes(ds, subsample)
+
+
+def load_csv(
+    path: str | None,
+    templates: Sequence[str],
+    fractions: Sequence[float] = (0.5, 0.2, 0.3),
+    split_seed: int = 0,
+    name: str = "csv",
+    subsample: str = "all",
+) -> ImageDataset:
+    """A CSV with columns ``path,label`` and an optional ``split`` (train/val/test); paths relative to the CSV.
+
+    Labels are class names (strings); classes are sorted by name. Without a ``split`` column the rows are
+    split by a seeded stratified split with ``fractions``.
+    """
+    import csv
+
+    layout = ("  path,label[,split]\n  images/0001.jpg,golden retriever,train\n  ...\n"
+              "(paths relative to the CSV file; split one of train/val/test)")
+    if not path:
+        raise DatasetError(f"dataset={name} needs dataset.path=FILE.csv\nExpected:\n{layout}")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DatasetError(f"{name}: CSV file {file} does not exist.\nExpected:\n{layout}")
+    with open(file, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or [])
+        if not {"path", "label"} <= cols:
+            raise DatasetError(f"{name}: {file} has columns {sorted(cols)}; needs path and label.\n{layout}")
+        rows = [r for r in reader if (r.get("path") or "").strip()]
+    if not rows:
+        raise DatasetError(f"{name}: {file} has no rows")
+    classes = sorted({r["label"].strip() for r in rows})
+    label_of = {c: i for i, c in enumerate(classes)}
+    samples = [Sample(id=r["path"].strip(), label=label_of[r["label"].strip()],
+                      path=str((file.parent / r["path"].strip()).resolve())) for r in rows]
+    if "split" in cols:
+        bad = sorted({r["split"] for r in rows} - set(SPLITS))
+        if bad:
+            raise DatasetError(f"{name}: unknown split values {bad} in {file}; use train/val/test")
+        splits = {s: [x for x, r in zip(samples, rows) if r["split"] == s] for s in SPLITS}
+        split_source = "given"
+    else:
+        parts = stratified_split([s.label for s in samples], _check_fractions(fractions), split_seed)
+        splits = {s: [samples[i] for i in part] for s, part in zip(SPLITS, parts)}
+        split_source = "generated"
+    ds = ImageDataset(name=name, classnames=[classname_from_folder(c) for c in classes], templates=list(templates),
+                      splits=splits, source={"kind": "csv", "file": str(file.resolve()), "split_source": split_source,
+                                             "split_seed": split_seed})
+    return subsample_classes(ds, subsample)

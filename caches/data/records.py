@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ class ImageDataset:
     splits: dict[str, list[Sample]]
     source: dict[str, Any] = field(default_factory=dict)
     in_memory: bool = False
+    # For evaluation-only targets whose classes are a subset of another dataset's (ImageNet-A/R: 200 of
+    # ImageNet's 1000): the parent label of each class, so a classifier fitted on the parent can be scored.
+    parent_labels: list[int] | None = None
 
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.splits]
@@ -144,3 +148,34 @@ def stratified_split(
         for j in range(len(fractions)):
             parts[j].extend(idx[bounds[j] : bounds[j + 1]].tolist())
     return [sorted(p) for p in parts]
+
+
+SUBSAMPLE_MODES = ("all", "base", "new")
+
+
+def base_class_count(n_classes: int) -> int:
+    """CoOp's base-to-novel rule: the first ceil(C / 2) labels are base, the rest novel."""
+    return math.ceil(n_classes / 2)
+
+
+def subsample_classes(dataset: ImageDataset, mode: str) -> ImageDataset:
+    """Keep the base (first ceil(C/2) labels) or new (the rest) classes, relabelled from 0; ``all`` keeps all.
+
+    Every split is filtered the same way, so base-to-novel runs fit and evaluate on one half each.
+    """
+    if mode not in SUBSAMPLE_MODES:
+        raise DatasetError(f"dataset.subsample must be one of {SUBSAMPLE_MODES}, got '{mode}'")
+    if mode == "all":
+        return dataset
+    n_base = base_class_count(dataset.n_classes)
+    keep = range(n_base) if mode == "base" else range(n_base, dataset.n_classes)
+    new_label = {old: new for new, old in enumerate(keep)}
+    dataset.splits = {
+        split: [Sample(s.id, new_label[s.label], s.path) for s in samples if s.label in new_label]
+        for split, samples in dataset.splits.items()
+    }
+    dataset.classnames = [dataset.classnames[c] for c in keep]
+    if dataset.parent_labels is not None:
+        dataset.parent_labels = [dataset.parent_labels[c] for c in keep]
+    dataset.source = {**dataset.source, "subsample": mode}
+    return dataset
