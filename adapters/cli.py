@@ -97,45 +97,64 @@ def compose(overrides: list[str]) -> Any:
     return cfg
 
 
+def _demo_datasets(choice: str | None) -> list[str]:
+    """digits always; Fashion-MNIST too when its files are installed (Debian's dataset-fashion-mnist)."""
+    if choice:
+        return choice.split(",")
+    from omegaconf import OmegaConf
+
+    from adapters.config import conf_dir
+
+    names = ["digits"]
+    fashion_root = Path(OmegaConf.load(conf_dir() / "dataset" / "fashion_mnist.yaml").root)
+    if (fashion_root / "t10k-images-idx3-ubyte.gz").is_file() or (fashion_root / "t10k-images-idx3-ubyte").is_file():
+        names.append("fashion_mnist")
+    return names
+
+
 def demo(argv: list[str]) -> int:
-    """Every adapter on digits with the tiny backbone (overridable), then a comparison table."""
+    """Every adapter on digits (and Fashion-MNIST when installed) with the tiny backbone, then tables."""
     import pandas as pd
 
     from adapters.config import group_options
     from adapters.runner import run
 
     p = argparse.ArgumentParser(prog="fewclip demo", description=demo.__doc__)
-    p.add_argument("--out", default="outputs/demo", help="where each adapter's result.json goes")
+    p.add_argument("--out", default="outputs/demo", help="where each job's result.json goes")
     p.add_argument("--adapters", default=None, help="comma-separated subset (default: every adapter)")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated datasets (default: digits, plus fashion_mnist when installed)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. shots=4 backbone=rn50")
     args = p.parse_args(argv)
     _quiet_logging()
     adapters = args.adapters.split(",") if args.adapters else group_options("adapter")
-    rows = []
-    for name in adapters:
-        cfg = compose([f"adapter={name}", *args.overrides])
-        try:
-            res = run(cfg, out_dir=Path(args.out) / name)
-        except Exception as e:
-            if (err := user_error(e)) is None:
-                raise
-            log.error("%s", err)
-            return 2
-        rows.append({"adapter": name, "val acc": res["val_acc"], "test acc": res["test_acc"],
-                     "hparams": _fmt_hparams(res["hparams"]),
-                     "fit+search s": res["timings_s"]["fit"] + res["timings_s"]["search"],
-                     "total s": res["timings_s"]["total"]})
-    table = pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}")
-    backbone = res["backbone"]
-    lines = [
-        "",
-        f"fewclip demo: dataset={res['dataset']} backbone={backbone} shots={res['shots']} seed={res['seed']} "
-        f"({res['n_classes']} classes, {res['n_support']} support images x {cfg.views} views, "
-        f"{res['n_val']} val, {res['n_test']} test)",
-        table,
-        "",
-    ]
-    if res["protocol"]["backbone_weights"].startswith("random:"):
+    lines: list[str] = []
+    weights = ""
+    for dataset in _demo_datasets(args.datasets):
+        rows = []
+        for name in adapters:
+            cfg = compose([f"dataset={dataset}", f"adapter={name}", *args.overrides])
+            try:
+                res = run(cfg, out_dir=Path(args.out) / dataset / name)
+            except Exception as e:
+                if (err := user_error(e)) is None:
+                    raise
+                log.error("%s", err)
+                return 2
+            rows.append({"adapter": name, "val acc": res["val_acc"], "test acc": res["test_acc"],
+                         "hparams": _fmt_hparams(res["hparams"]),
+                         "fit+search s": res["timings_s"]["fit"] + res["timings_s"]["search"],
+                         "total s": res["timings_s"]["total"]})
+        weights = res["protocol"]["backbone_weights"]
+        lines += [
+            "",
+            f"dataset={res['dataset']} backbone={res['backbone']} shots={res['shots']} seed={res['seed']} "
+            f"({res['n_classes']} classes, {res['n_support']} support images x {cfg.views} views, "
+            f"{res['n_val']} val, {res['n_test']} test)",
+            pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"),
+        ]
+    lines.append("")
+    if weights.startswith("random:"):
         lines += [
             "The tiny backbone is RANDOMLY INITIALISED: these accuracies only show that the pipeline works,",
             "they say nothing about the methods. With real CLIP weights (internet once, or a local file):",
@@ -144,7 +163,7 @@ def demo(argv: list[str]) -> int:
             "dataset.root=/path/to/images adapter=tip",
             "",
         ]
-    lines.append(f"result.json files: {Path(args.out).resolve()}/<adapter>/result.json")
+    lines.append(f"result.json files: {Path(args.out).resolve()}/<dataset>/<adapter>/result.json")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
