@@ -215,3 +215,24 @@ def test_data_check_cli(tmp_path):
     p = subprocess.run(cmd[:-2] + [f"data_root={tmp_path / 'none'}", "progress=false"], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 1 and "Expected layout" in p.stdout and "split_zhou_DescribableTextures.json" in p.stdout
+
+
+def test_class_lists_that_do_not_match_the_folders(tmp_path):
+    base = make_imagenet(tmp_path)
+    lines = (base / "classnames.txt").read_text().splitlines()
+    (base / "classnames.txt").write_text("\n".join(lines[:-1]) + "\n")  # one class fewer than folders
+    with pytest.raises(DatasetError, match="not listed in classnames.txt"):
+        instantiate(compose(["dataset=imagenet", f"data_root={tmp_path}"]).dataset)
+    make_imagenet_targets(tmp_path)
+    (tmp_path / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / "7").mkdir()
+    with pytest.raises(DatasetError, match="outside 0..5"):
+        instantiate(compose(["dataset=imagenet_v2", f"data_root={tmp_path}"]).dataset)
+
+
+def test_missing_and_corrupt_images_during_a_run(tmp_path):
+    base = make_coop(tmp_path, "dtd")
+    (base / "images" / "class_0" / "test_1.jpg").unlink()
+    (base / "images" / "class_3" / "test_2.jpg").write_bytes(b"broken")
+    res = run(compose(["dataset=dtd", f"data_root={tmp_path}", "shots=2", "views=1", "progress=false",
+                       f"cache_dir={tmp_path / 'c'}"]), out_dir=tmp_path / "o")
+    assert res["n_test"] == 10 and res["n_test_skipped"] == 2
