@@ -66,6 +66,7 @@ class AdapterContext:
     backbone: Any = None
     device: torch.device = torch.device("cpu")
     seed: int = 1
+    progress: bool = True
 
     @property
     def n_classes(self) -> int:

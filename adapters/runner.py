@@ -33,6 +33,36 @@ from caches.store import KVStore
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+STATE_FILE = "adapter.safetensors"
+
+
+def save_adapter_state(adapter: Adapter, out: Path) -> str | None:
+    """The adapter's learned parameters only (never the backbone) as safetensors; None when it learns none."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    if not state:
+        return None
+    tmp = out / f".{STATE_FILE}.tmp{os.getpid()}"
+    save_file(state, str(tmp))
+    os.replace(tmp, out / STATE_FILE)
+    return STATE_FILE
+
+
+def restore_adapter(adapter: Adapter, run_dir: str | os.PathLike) -> Adapter:
+    """Load a fitted adapter's learned state and chosen hyperparameters from a run directory.
+
+    ``adapter`` must be freshly instantiated from the same YAML and ``setup`` with the same context.
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    result = json.loads((run_dir / RESULT_FILE).read_text())
+    for k, v in result["hparams"].items():
+        setattr(adapter, k, v)
+    if result.get("adapter_state"):
+        adapter.load_state_dict(load_file(str(run_dir / result["adapter_state"])))
+    return adapter.eval()
 
 
 def _choice(cfg: DictConfig, group: str) -> str:
@@ -165,7 +195,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         raise NotImplementedError(f"adapter {names['adapter']} needs pixels; the runner serves features only")
     ctx = AdapterContext(classnames=list(dataset.classnames), text_head=stores["text"].keys(), support=support,
                          logit_scale=backbone.logit_scale, backbone=backbone, device=backbone.device,
-                         seed=cfg.seed)
+                         seed=cfg.seed, progress=cfg.progress)
     adapter.setup(ctx)
     t = time.perf_counter()
     fit_record = adapter.fit(support, val)
@@ -174,6 +204,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     selection = adapter.tune(val)
     timings["search"] = time.perf_counter() - t
     val_acc = accuracy(adapter.predict(val.features), val.labels)
+    state_file = save_adapter_state(adapter, out)
 
     # The only place the test split is read: encoded (or loaded) here, evaluated once.
     stores["test"] = builder.features(dataset, "test", dataset.splits["test"])
@@ -200,6 +231,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         "test_acc": test_acc,
         "targets": targets,
         "hparams": adapter.hparams(),
+        "adapter_state": state_file,
         "selection": {**selection, "fit": fit_record, "val_images_per_class": min(int(cfg.shots), 4)},
         "protocol": {"templates": dataset.templates, "split_source": dataset.source.get("split_source"),
                      "val_shots": min(int(cfg.shots), 4), "views": int(cfg.views),

@@ -111,3 +111,31 @@ def test_cli_run_and_sweep(tmp_path):
     p = _fewclip("run", "dataset=folder", f"dataset.root={tmp_path / 'missing'}", *common[:-2], cwd=tmp_path)
     assert p.returncode == 2 and "does not exist" in p.stderr + p.stdout
     assert "Traceback" not in p.stderr
+
+
+def test_fitted_state_is_saved_and_restores_the_same_predictions(tmp_path):
+    from hydra.utils import instantiate
+
+    from adapters.base import AdapterContext, SupportSet
+    from adapters.runner import restore_adapter
+
+    cfg = _cfg(tmp_path, "adapter=tip_f", "shots=2", "views=2", "adapter.epochs=3", "adapter.beta_steps=5",
+               "adapter.alpha_steps=5")
+    res = run(cfg, out_dir=tmp_path / "o")
+    assert res["adapter_state"] == "adapter.safetensors" and (tmp_path / "o" / "adapter.safetensors").is_file()
+    assert res["selection"]["fit"]["selected_by"] == "val"
+    stores = {k: KVStore.load(v["path"], v["fingerprint"]) for k, v in res["cache"].items()}
+    support = SupportSet(stores["support"].keys(), stores["support"].labels(), stores["support"].view_features())
+    fresh = instantiate(cfg.adapter)
+    fresh.setup(AdapterContext(classnames=[str(i) for i in range(10)], text_head=stores["text"].keys(),
+                               support=support))
+    before = fresh.predict(stores["test"].keys())
+    restore_adapter(fresh, tmp_path / "o")
+    after = fresh.predict(stores["test"].keys())
+    acc = float((after.argmax(1) == stores["test"].labels()).float().mean()) * 100
+    assert acc == pytest.approx(res["test_acc"])
+    assert not torch.equal(before, after)  # the trained keys (and chosen alpha/beta) really were loaded
+    # the saved state holds only what the adapter learned
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "o" / "adapter.safetensors"))) == {"keys"}

@@ -1,0 +1,204 @@
+"""One training loop for every trainable adapter.
+
+Optimiser (SGD or AdamW), a per-step cosine schedule with an optional constant warmup (CoOp's recipe),
+gradient clipping, mixed precision on CUDA, a seeded data order, a progress bar, and model selection on val
+only: the best epoch by val accuracy (ties keep the earlier epoch) or the last epoch. Training stops with a
+clear error on a non-finite loss.
+
+Feature-mode adapters train on the support store's cached augmented views: each epoch, every support image
+contributes one of its A views, drawn with the seeded generator. That departs from the papers (fresh
+augmentation every epoch) by using a finite set of A views; it is what makes training cost seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from adapters.base import Adapter, FeatureSplit, SupportSet, accuracy
+
+log = logging.getLogger(__name__)
+
+Batches = Callable[[int, torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainSpec:
+    """How to train. Adapters expose these as hyperparameters in their YAML (``adapter.lr=...``)."""
+
+    epochs: int = 20
+    batch_size: int = 256
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
+    eps: float = 1e-8  # AdamW only
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: int = 0  # constant warmup_lr for these epochs, then the schedule (CoOp)
+    warmup_lr: float = 1e-5
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    select: str = "best_val"  # best_val | last
+    amp: bool = True  # mixed precision when on CUDA
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> tuple[TrainSpec, dict[str, Any]]:
+        """Split an adapter's keyword arguments into a spec and the rest."""
+        names = {f.name for f in fields(cls)}
+        spec = cls(**{k: v for k, v in kwargs.items() if k in names})
+        if spec.optimizer not in ("adamw", "sgd") or spec.schedule not in ("cosine", "constant") or \
+                spec.select not in ("best_val", "last"):
+            raise ValueError(f"bad training spec {spec}")
+        return spec, {k: v for k, v in kwargs.items() if k not in names}
+
+
+def view_batches(support: SupportSet, batch_size: int) -> Batches:
+    """Feature-mode data: per epoch, one seeded random view per support image, in seeded random order.
+
+    Yields ``([B, D] features, [B] labels)``. Without per-view features, the keys are used.
+    """
+    views = support.views if support.views is not None else support.keys[None]
+    labels = support.labels
+
+    def batches(epoch: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = labels.shape[0]
+        pick = torch.randint(views.shape[0], (n,), generator=gen)
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            yield views[pick[idx], idx].float(), labels[idx]
+
+    return batches
+
+
+def _lr_lambda(spec: TrainSpec, steps_per_epoch: int) -> Callable[[int], float]:
+    warm = spec.warmup_epochs * steps_per_epoch
+    total = max(1, spec.epochs * steps_per_epoch - warm)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return spec.warmup_lr / spec.lr
+        if spec.schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total) / total))
+
+    return factor
+
+
+def train(
+    adapter: Adapter,
+    batches: Batches,
+    val: FeatureSplit | None,
+    spec: TrainSpec,
+    seed: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    mode: str = "features (cached views)",
+) -> dict[str, Any]:
+    """Train ``adapter``'s parameters that require grad; keep the best epoch on ``val`` (or the last).
+
+    Args:
+        batches: ``(epoch, generator) -> iterator of (inputs, labels)``; the generator is seeded by ``seed``.
+        val: validation features for model selection (never the test split).
+        loss_fn: ``(logits [B, C], labels [B]) -> scalar``; cross-entropy by default.
+    Returns:
+        a record for ``result.json``: epochs, best epoch, per-epoch train loss and val accuracy.
+    """
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(adapter).__name__} has no trainable parameters")
+    loss_fn = loss_fn or F.cross_entropy
+    if spec.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=spec.lr, eps=spec.eps, weight_decay=spec.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    steps = sum(1 for _ in batches(0, torch.Generator().manual_seed(seed)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec, max(1, steps)))
+    device = next(iter(params)).device
+    use_amp = spec.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    select_on_val = spec.select == "best_val" and val is not None and len(val) > 0
+    best_acc, best_epoch, best_state = -1.0, spec.epochs, None
+    losses: list[float] = []
+    val_accs: list[float] = []
+    bar = tqdm(range(1, spec.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        adapter.train()
+        total, count = 0.0, 0
+        for step, (x, y) in enumerate(batches(epoch, gen)):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss = loss_fn(adapter(x).float(), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"{type(adapter).__name__}: non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
+                    f"lower the learning rate (adapter.lr={spec.lr}) or enable gradient clipping "
+                    "(adapter.grad_clip=1.0)"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if spec.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+        losses.append(total / max(1, count))
+        if select_on_val:
+            acc = accuracy(adapter.predict(val.features), val.labels)
+            val_accs.append(acc)
+            if acc > best_acc:  # strict: ties keep the earlier epoch
+                best_acc, best_epoch = acc, epoch
+                best_state = copy.deepcopy({k: v.detach().clone() for k, v in adapter.state_dict().items()})
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{acc:.1f}")
+        else:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if select_on_val and best_state is not None:
+        adapter.load_state_dict(best_state)
+    adapter.eval()
+    log.info("%s: %d epochs, kept epoch %d (%s)", type(adapter).__name__, spec.epochs, best_epoch,
+             "best val accuracy" if select_on_val else "last")
+    return {"spec": asdict(spec), "best_epoch": best_epoch, "selected_by": "val" if select_on_val else "last",
+            "train_loss": losses, "val_acc": val_accs, "mode": mode}
+
+
+class TrainsOnFeatures:
+    """Mixin for adapters trained by ``train`` on the support set's cached views (feature mode).
+
+    Use as ``class MyAdapter(TrainsOnFeatures, Adapter)``; call ``self.init_training(kwargs)`` in
+    ``__init__`` with the ``TrainSpec`` fields the YAML passes, build modules in ``setup``, and override
+    ``loss`` when the method adds terms to cross-entropy.
+    """
+
+    trainable = True
+    cost = "trained on cached features"
+    spec: TrainSpec
+
+    def init_training(self, train_kwargs: dict[str, Any]) -> None:
+        self.spec, rest = TrainSpec.from_kwargs(train_kwargs)
+        if rest:
+            raise TypeError(f"{type(self).__name__}: unknown hyperparameters {sorted(rest)}")
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``[B, C], [B] -> scalar``: cross-entropy unless a method adds terms."""
+        return F.cross_entropy(logits, labels)
+
+    def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
+        ctx = self.ctx
+        return train(self, view_batches(train_set, self.spec.batch_size), val, self.spec, seed=ctx.seed,
+                     loss_fn=self.loss, progress=ctx.progress, desc=type(self).__name__)
