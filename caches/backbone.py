@@ -273,6 +273,41 @@ class FrozenClip:
             out.append(F.normalize(feats.float(), dim=-1))
         return torch.cat(out) if out else torch.empty(0, 0)
 
+    def _text_tower(self) -> Any:
+        m = self.model
+        if not all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+            raise NotImplementedError(
+                f"prompt learning needs open_clip's built-in CLIP text tower; {self.model_name} uses a custom text "
+                "encoder (e.g. a Hugging Face model), which is not supported"
+            )
+        return m
+
+    @torch.no_grad()
+    def token_embeddings(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise and embed prompts: ``([P, L] token ids, [P, L, W] float32 token embeddings)``."""
+        m = self._text_tower()
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return tokens, m.token_embedding(tokens).float()
+
+    def encode_prompt_embeddings(self, embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Run the frozen text transformer on given token embeddings, with gradients to ``embeds``.
+
+        Args:
+            embeds: ``[P, L, W]`` token embeddings (learned context vectors spliced in by prompt learners).
+            tokens: ``[P, L]`` the token ids the embeddings stand for; the end-of-text position (highest id,
+                CLIP's convention) is pooled.
+        Returns:
+            ``[P, D]`` float32 text features, L2-normalised.
+        """
+        m = self._text_tower()
+        x = embeds + m.positional_embedding.float()
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        proj = m.text_projection
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return F.normalize(x.float(), dim=-1)
+
     @torch.no_grad()
     def text_head(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """Zero-shot classifier: per class, the renormalised mean of the normalised template embeddings.

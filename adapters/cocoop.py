@@ -1,0 +1,59 @@
+"""CoCoOp: conditional context optimisation (Zhou et al., CVPR 2022; KaiyangZhou/CoOp ``trainers/cocoop.py``).
+
+CoOp plus a light meta-net, ``Linear(D, D/16) -> ReLU -> Linear(D/16, W)``, that turns each image's features
+into a bias added to every context vector, so every image gets its own prompts:
+
+    ctx_i = ctx + meta_net(f_i),   logits_i = 100 f_i . normalize(text(ctx_i, class))
+
+Defaults are CoCoOp's: M = 4 initialised from "a photo of a", SGD lr 0.002, cosine, 1 warmup epoch, batch 1,
+10 epochs. Each step encodes B x C prompts, which is why the reference trains with batch 1 and why CoCoOp is
+far slower than CoOp.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters.base import AdapterContext
+from adapters.coop import CoOp
+
+
+class CoCoOp(CoOp):
+    """CoOp with an image-conditioned context bias. ``chunk``: images per text-encoder call at inference."""
+
+    def __init__(self, n_ctx: int = 4, ctx_init: str = "a photo of a", chunk: int = 8, **kwargs: Any) -> None:
+        super().__init__(n_ctx=n_ctx, ctx_init=ctx_init, **kwargs)
+        if self.csc or self.position != "end":
+            raise ValueError("CoCoOp uses one shared context with the class token at the end")
+        self.chunk = int(chunk)
+        self.meta_net: nn.Module | None = None
+
+    def setup(self, ctx: AdapterContext) -> None:
+        super().setup(ctx)
+        d, width = self.text_head.shape[1], self.context.shape[-1]
+        gen = torch.Generator().manual_seed(ctx.seed + 1)
+        hidden = max(1, d // 16)
+        first, second = nn.Linear(d, hidden), nn.Linear(hidden, width)
+        for layer in (first, second):  # nn.Linear's default bounds, from a seeded local generator
+            bound = 1.0 / layer.in_features ** 0.5
+            with torch.no_grad():
+                layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
+                layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
+        self.meta_net = nn.Sequential(first, nn.ReLU(), second).to(ctx.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` -> ``[B, C]``; the text encoder runs on B x C prompts."""
+        x = x.float()
+        shift = self.meta_net(x)  # [B, W]
+        out = []
+        for i in range(0, x.shape[0], self.chunk):
+            rows = []
+            for f, s in zip(x[i : i + self.chunk], shift[i : i + self.chunk]):
+                prompts = self.prompt_embeddings(self.context + s)  # [C, L, W]
+                text = self.ctx.backbone.encode_prompt_embeddings(prompts, self.meta_tokens)
+                rows.append(f @ text.t())
+            out.append(torch.stack(rows))
+        return self.ctx.logit_scale * torch.cat(out)

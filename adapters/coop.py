@@ -1,0 +1,135 @@
+"""CoOp: context optimisation (Zhou et al., IJCV 2022; KaiyangZhou/CoOp ``trainers/coop.py``).
+
+M learnable context vectors replace the hand-written words of the prompt; the class name's tokens stay fixed:
+
+    [SOS] [V]_1 ... [V]_M [CLASS] . [EOS]        (class token at the end; or in the middle, or in front)
+
+The text transformer runs on the spliced token embeddings through ``FrozenClip.encode_prompt_embeddings``
+(open_clip's own modules, nothing forked); gradients reach only the context. Defaults are CoOp's: M = 16,
+unified context, random init N(0, 0.02) (or from words such as "a photo of a"), SGD lr 0.002, cosine, one
+warmup epoch at lr 1e-5, batch 32, 50 epochs for 1-2 shots, 100 for 4-8, 200 for 16.
+
+fewclip trains CoOp on the cached augmented views (feature mode), since the image encoder is frozen; with
+``input_kind=pixels`` (adapter ``coop_pixels``) it re-encodes freshly augmented images every step, as the
+reference does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters.base import Adapter, AdapterContext
+from adapters.training import TrainsOnFeatures
+
+EPOCHS_BY_SHOTS = {1: 50, 2: 50, 4: 100, 8: 100, 16: 200}
+
+
+class CoOp(TrainsOnFeatures, Adapter):
+    """Learned prompt context.
+
+    Args:
+        n_ctx: number of context vectors M (ignored when ``ctx_init`` is given: its token count is used).
+        ctx_init: words to initialise the context from ("a photo of a"), or "" for random N(0, 0.02).
+        class_token_position: ``end``, ``middle`` or ``front``.
+        csc: class-specific context (one context per class) instead of one shared context.
+        epochs: 0 picks CoOp's schedule from the number of shots (``epochs_by_shots``).
+    """
+
+    def __init__(self, n_ctx: int = 16, ctx_init: str = "", class_token_position: str = "end", csc: bool = False,
+                 epochs_by_shots: Mapping[int, int] | None = None, **train_kwargs: Any) -> None:
+        super().__init__()
+        if class_token_position not in ("end", "middle", "front"):
+            raise ValueError(f"class_token_position must be end, middle or front, got {class_token_position}")
+        self.n_ctx, self.ctx_init, self.position, self.csc = int(n_ctx), str(ctx_init), class_token_position, bool(csc)
+        self.epochs_by_shots = {int(k): int(v) for k, v in (epochs_by_shots or EPOCHS_BY_SHOTS).items()}
+        self.init_training(train_kwargs)
+        self.context: nn.Parameter | None = None
+        self._text_cache: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+    def setup(self, ctx: AdapterContext) -> None:
+        super().setup(ctx)
+        if ctx.backbone is None:
+            raise ValueError("CoOp needs the backbone's text encoder (AdapterContext.backbone)")
+        bb = ctx.backbone
+        if self.spec.epochs == 0:
+            shots = max(1, len(ctx.support) // max(1, ctx.n_classes))
+            self.spec.epochs = self.epochs_by_shots.get(shots) or self.epochs_by_shots[
+                min(self.epochs_by_shots, key=lambda k: abs(k - shots))]
+        gen = torch.Generator().manual_seed(ctx.seed)
+        if self.ctx_init:
+            init_tokens, init_embeds = bb.token_embeddings([self.ctx_init])
+            m = int(init_tokens[0].argmax()) - 1  # tokens between SOS and EOS
+            vectors = init_embeds[0, 1 : 1 + m].clone()
+            if self.csc:
+                vectors = vectors[None].repeat(ctx.n_classes, 1, 1)
+        else:
+            m = self.n_ctx
+            width = bb.token_embeddings(["x"])[1].shape[-1]
+            shape = (ctx.n_classes, m, width) if self.csc else (m, width)
+            vectors = torch.randn(shape, generator=gen) * 0.02
+        self.n_ctx = m
+        self.context = nn.Parameter(vectors.to(ctx.device))
+        # Placeholder words mark where the context goes; their embeddings are replaced in `prompt_embeddings`.
+        names = [c.replace("_", " ") for c in ctx.classnames]
+        prefix = " ".join(["X"] * m)
+        tokens, embeds = bb.token_embeddings([f"{prefix} {n}." for n in names])
+        name_lens = [int(bb.token_embeddings([n])[0][0].argmax()) - 1 for n in names]
+        self.register_buffer("token_sos", embeds[:, :1], persistent=False)  # [C, 1, W]
+        self.register_buffer("token_suffix", embeds[:, 1 + m :], persistent=False)  # class, '.', EOS, pad
+        self.name_lens = name_lens
+        self.register_buffer("meta_tokens", self._reorder_tokens(tokens, m), persistent=False)
+
+    def _reorder_tokens(self, tokens: torch.Tensor, m: int) -> torch.Tensor:
+        """Token ids in the spliced order (only the EOS position matters for pooling)."""
+        if self.position == "end":
+            return tokens
+        out = tokens.clone()
+        for i, n in enumerate(self.name_lens):
+            suffix = tokens[i, 1 + m :]
+            cls, rest = suffix[:n], suffix[n:]
+            if self.position == "front":
+                out[i, 1:] = torch.cat([cls, tokens[i, 1 : 1 + m], rest])
+            else:
+                half = m // 2
+                out[i, 1:] = torch.cat([tokens[i, 1 : 1 + half], cls, tokens[i, 1 + half : 1 + m], rest])
+        return out
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_embeddings(self, ctx_vectors: torch.Tensor) -> torch.Tensor:
+        """Splice context into every class prompt: ``[M, W]`` or ``[C, M, W]`` -> ``[C, L, W]``."""
+        n_cls = self.token_sos.shape[0]
+        c = ctx_vectors if ctx_vectors.dim() == 3 else ctx_vectors[None].expand(n_cls, -1, -1)
+        if self.position == "end":
+            return torch.cat([self.token_sos, c, self.token_suffix], dim=1)
+        rows = []
+        half = self.n_ctx // 2
+        for i, n in enumerate(self.name_lens):
+            cls, rest = self.token_suffix[i : i + 1, :n], self.token_suffix[i : i + 1, n:]
+            if self.position == "front":
+                parts = [self.token_sos[i : i + 1], cls, c[i : i + 1], rest]
+            else:
+                parts = [self.token_sos[i : i + 1], c[i : i + 1, :half], cls, c[i : i + 1, half:], rest]
+            rows.append(torch.cat(parts, dim=1))
+        return torch.cat(rows)
+
+    def class_text_features(self) -> torch.Tensor:
+        """``[C, D]`` normalised class embeddings from the learned prompts (cached while not training)."""
+        if not self.training and self._text_cache is not None:
+            return self._text_cache
+        feats = self.ctx.backbone.encode_prompt_embeddings(self.prompt_embeddings(self.context), self.meta_tokens)
+        if not self.training:
+            self._text_cache = feats.detach()
+        return feats
+
+    def train(self, mode: bool = True) -> CoOp:
+        self._text_cache = None  # parameters may change: recompute the class embeddings
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` image features -> ``[B, C]``: scaled cosine with the learned class embeddings."""
+        return self.ctx.logit_scale * x.float() @ self.class_text_features().t()
