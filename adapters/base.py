@@ -67,6 +67,7 @@ class AdapterContext:
     device: torch.device = torch.device("cpu")
     seed: int = 1
     progress: bool = True
+    pixels: Any = None  # caches.data.pixels.PixelData, for input_kind == "pixels" adapters only
 
     @property
     def n_classes(self) -> int:
@@ -79,6 +80,28 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
         raise ValueError("accuracy of an empty split")
     correct = int((logits.argmax(dim=-1) == labels.to(logits.device)).sum())
     return correct * 100.0 / labels.numel()
+
+
+def predict_split(adapter: Adapter, split: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a whole split: ``([N, C], [N])``.
+
+    ``split`` is a ``FeatureSplit`` (cached features) or, for pixel-mode adapters, anything with a
+    ``batches()`` iterator of ``(pixels, labels)`` (``caches.data.pixels.PixelSplit``).
+    """
+    if isinstance(split, FeatureSplit):
+        return adapter.predict(split.features), split.labels
+    logits, labels = [], []
+    for x, y in split.batches():
+        logits.append(adapter.predict(x))
+        labels.append(y)
+    if not logits:
+        raise ValueError("empty split")
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(adapter: Adapter, split: Any) -> float:
+    """Top-1 accuracy (percent) of ``adapter`` on a feature or pixel split."""
+    return accuracy(*predict_split(adapter, split))
 
 
 class Adapter(nn.Module, ABC):

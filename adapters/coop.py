@@ -16,6 +16,7 @@ reference does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext
-from adapters.training import TrainsOnFeatures
+from adapters.training import TrainsOnFeatures, train
 
 EPOCHS_BY_SHOTS = {1: 50, 2: 50, 4: 100, 8: 100, 16: 200}
 
@@ -133,3 +134,23 @@ class CoOp(TrainsOnFeatures, Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` image features -> ``[B, C]``: scaled cosine with the learned class embeddings."""
         return self.ctx.logit_scale * x.float() @ self.class_text_features().t()
+
+
+class CoOpPixels(CoOp):
+    """CoOp trained on pixels: every step re-encodes freshly augmented support images (exact reproduction)."""
+
+    input_kind = "pixels"
+    cost = "trained on pixels (frozen image encoder run every step)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` pixels -> ``[B, C]``."""
+        return super().forward(self.ctx.backbone.encode_images(x))
+
+    def fit(self, train_set: Any, val: Any) -> dict[str, Any]:
+        px = self.ctx.pixels
+        if px is None:
+            raise ValueError("CoOpPixels needs AdapterContext.pixels (the runner provides it)")
+        batches = px.train.augmented_batches(px.aug, self.ctx.seed, self.spec.batch_size)
+        return train(self, batches, val, self.spec, seed=self.ctx.seed, loss_fn=self.loss,
+                     progress=self.ctx.progress, desc="CoOp (pixels)", mode="pixels (fresh augmentation)",
+                     steps_per_epoch=math.ceil(len(px.train) / self.spec.batch_size))

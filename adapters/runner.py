@@ -23,10 +23,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, accuracy
+from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, accuracy, evaluate, predict_split
 from caches.builder import CacheBuilder, describe_stores
 from caches.data.augment import AugmentSpec
 from caches.data.fewshot import persist_fewshot, sample_fewshot, select
+from caches.data.pixels import PixelData
 from caches.data.records import DatasetError
 from caches.store import KVStore
 
@@ -151,10 +152,24 @@ def evaluate_target(cfg: DictConfig, name: str, source: Any, adapter: Adapter, b
         columns = torch.arange(source.n_classes)
     else:
         raise ValueError(f"target {name} has other classes than {source.name} and no label mapping")
-    store = builder.features(target, "test", target.splits["test"])
-    feats = _features(store)
-    acc = accuracy(adapter.predict(feats.features)[:, columns], feats.labels)
-    return {"test_acc": acc, "n_test": len(feats), "cache": describe_stores({"test": store})["test"]}
+    stores: dict[str, KVStore] = {}
+    split, _ = eval_split(builder, target, target.splits["test"], adapter.input_kind == "pixels", stores, "test")
+    logits, labels = predict_split(adapter, split)
+    acc = accuracy(logits[:, columns], labels)
+    return {"test_acc": acc, "n_test": len(labels),
+            "cache": describe_stores(stores)["test"] if stores else None}
+
+
+def eval_split(builder: CacheBuilder, dataset: Any, samples: list, pixel_mode: bool, stores: dict[str, KVStore],
+               key: str) -> tuple[Any, int]:
+    """An evaluation split as cached features (stored in ``stores[key]``) or, for pixel adapters, as pixels.
+
+    Returns the split and the number of unreadable images skipped (known up front only for cached features).
+    """
+    if pixel_mode:
+        return builder.pixel_split(dataset, samples), 0
+    stores[key] = builder.features(dataset, "test", samples)
+    return _features(stores[key]), len(stores[key].manifest.get("skipped", []))
 
 
 def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -191,11 +206,14 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     val = _features(stores["val"])
 
     adapter: Adapter = instantiate(cfg.adapter)
-    if adapter.input_kind != "features":
-        raise NotImplementedError(f"adapter {names['adapter']} needs pixels; the runner serves features only")
+    pixel_mode = adapter.input_kind == "pixels"
     ctx = AdapterContext(classnames=list(dataset.classnames), text_head=stores["text"].keys(), support=support,
                          logit_scale=backbone.logit_scale, backbone=backbone, device=backbone.device,
                          seed=cfg.seed, progress=cfg.progress)
+    if pixel_mode:
+        ctx.pixels = PixelData(train=builder.pixel_split(dataset, select(dataset, "train", fewshot.train)),
+                               val=builder.pixel_split(dataset, select(dataset, "val", fewshot.val)), aug=aug)
+        val = ctx.pixels.val
     adapter.setup(ctx)
     t = time.perf_counter()
     fit_record = adapter.fit(support, val)
@@ -203,14 +221,14 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     t = time.perf_counter()
     selection = adapter.tune(val)
     timings["search"] = time.perf_counter() - t
-    val_acc = accuracy(adapter.predict(val.features), val.labels)
+    val_acc = evaluate(adapter, val)
     state_file = save_adapter_state(adapter, out)
 
     # The only place the test split is read: encoded (or loaded) here, evaluated once.
-    stores["test"] = builder.features(dataset, "test", dataset.splits["test"])
     t = time.perf_counter()
-    test = _features(stores["test"])
-    test_acc = accuracy(adapter.predict(test.features), test.labels)
+    test, n_skipped = eval_split(builder, dataset, dataset.splits["test"], pixel_mode, stores, "test")
+    logits, test_labels = predict_split(adapter, test)
+    test_acc = accuracy(logits, test_labels)
     timings["eval"] = time.perf_counter() - t
     targets = {name: evaluate_target(cfg, name, dataset, adapter, builder) for name in cfg.get("targets", [])}
     timings["encode"] = builder.encode_seconds
@@ -225,8 +243,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         "n_classes": dataset.n_classes,
         "n_support": len(support),
         "n_val": len(val),
-        "n_test": len(test),
-        "n_test_skipped": len(stores["test"].manifest.get("skipped", [])),
+        "n_test": len(test_labels),
+        "n_test_skipped": n_skipped,
         "val_acc": val_acc,
         "test_acc": test_acc,
         "targets": targets,

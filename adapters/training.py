@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adapters.base import Adapter, FeatureSplit, SupportSet, accuracy
+from adapters.base import Adapter, FeatureSplit, SupportSet, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +99,21 @@ def _lr_lambda(spec: TrainSpec, steps_per_epoch: int) -> Callable[[int], float]:
 def train(
     adapter: Adapter,
     batches: Batches,
-    val: FeatureSplit | None,
+    val: Any,
     spec: TrainSpec,
     seed: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
     desc: str = "train",
     mode: str = "features (cached views)",
+    steps_per_epoch: int | None = None,
 ) -> dict[str, Any]:
     """Train ``adapter``'s parameters that require grad; keep the best epoch on ``val`` (or the last).
 
     Args:
         batches: ``(epoch, generator) -> iterator of (inputs, labels)``; the generator is seeded by ``seed``.
-        val: validation features for model selection (never the test split).
+        val: validation split for model selection (``FeatureSplit`` or pixel split; never the test split).
+        steps_per_epoch: batches per epoch (counted by iterating once when not given: cheap for features).
         loss_fn: ``(logits [B, C], labels [B]) -> scalar``; cross-entropy by default.
     Returns:
         a record for ``result.json``: epochs, best epoch, per-epoch train loss and val accuracy.
@@ -125,7 +127,7 @@ def train(
     else:
         opt = torch.optim.AdamW(params, lr=spec.lr, eps=spec.eps, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    steps = sum(1 for _ in batches(0, torch.Generator().manual_seed(seed)))
+    steps = steps_per_epoch or sum(1 for _ in batches(0, torch.Generator().manual_seed(seed)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec, max(1, steps)))
     device = next(iter(params)).device
     use_amp = spec.amp and device.type == "cuda"
@@ -160,7 +162,7 @@ def train(
             count += len(y)
         losses.append(total / max(1, count))
         if select_on_val:
-            acc = accuracy(adapter.predict(val.features), val.labels)
+            acc = evaluate(adapter, val)
             val_accs.append(acc)
             if acc > best_acc:  # strict: ties keep the earlier epoch
                 best_acc, best_epoch = acc, epoch

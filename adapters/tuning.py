@@ -6,12 +6,12 @@ import itertools
 import logging
 from typing import Any
 
-from adapters.base import Adapter, FeatureSplit, accuracy
+from adapters.base import Adapter, evaluate
 
 log = logging.getLogger(__name__)
 
 
-def grid_search(adapter: Adapter, val: FeatureSplit) -> dict[str, Any]:
+def grid_search(adapter: Adapter, val: Any) -> dict[str, Any]:
     """Try every point of ``adapter.hparam_grid()`` in row-major order on ``val``; keep the first best.
 
     The first best (strict improvement only) makes the choice deterministic and matches the reference
@@ -25,7 +25,7 @@ def grid_search(adapter: Adapter, val: FeatureSplit) -> dict[str, Any]:
     for point in itertools.product(*(grid[n] for n in names)):
         for n, v in zip(names, point):
             setattr(adapter, n, v)
-        acc = accuracy(adapter.predict(val.features), val.labels)
+        acc = evaluate(adapter, val)
         if acc > best_acc:
             best_acc, best = acc, point
     for n, v in zip(names, best):

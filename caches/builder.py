@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from caches.backbone import FrozenClip
 from caches.data.augment import AugmentSpec, augmented_view, eval_transform, view_generator
+from caches.data.pixels import PixelSplit
 from caches.data.records import ImageDataset, Sample
 from caches.store import KVStore, StoreError, fingerprint
 
@@ -138,6 +139,11 @@ class CacheBuilder:
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S] -> [B, D]`` float32 normalised: the encoder call every build goes through."""
         return self.backbone.encode_images(pixels)
+
+    def pixel_split(self, dataset: ImageDataset, samples: Sequence[Sample]) -> PixelSplit:
+        """The samples as pixel batches with this backbone's preprocessing (pixel-mode adapters)."""
+        return PixelSplit(dataset, samples, self.backbone.image_spec, batch_size=self.batch_size,
+                          num_workers=self._workers(dataset), pin_memory=self.backbone.device.type == "cuda")
 
     # ------------------------------------------------------------------ stores
     def support(self, dataset: ImageDataset, samples: Sequence[Sample], shots: int, seed: int,

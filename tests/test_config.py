@@ -31,11 +31,27 @@ def test_every_adapter_yaml_instantiates(name):
     assert adapter.input_kind in ("features", "pixels")
 
 
+@pytest.fixture(scope="module")
+def every_layout(tmp_path_factory):
+    """A generated mini-copy of every dataset layout, and the overrides that point each config at it."""
+    from conftest import make_class_folder
+    from layouts import make_all, make_imagenet_targets
+
+    root = tmp_path_factory.mktemp("layouts")
+    extra = make_all(root)
+    make_imagenet_targets(root)
+    folder = make_class_folder(root / "folder", {"a": 5, "b": 5})
+    extra["folder"] = [f"dataset.root={folder}"]
+    return root, extra
+
+
 @pytest.mark.parametrize("name", group_options("dataset"))
-def test_every_dataset_yaml_instantiates(name, class_folder):
-    cfg = compose([f"dataset={name}", f"dataset.root={class_folder}"] if name == "folder" else [f"dataset={name}"])
+def test_every_dataset_yaml_instantiates(name, every_layout):
+    root, extra = every_layout
+    cfg = compose([f"dataset={name}", f"data_root={root}", *extra.get(name, [])])
     ds = instantiate(cfg.dataset)
     assert isinstance(ds, ImageDataset) and ds.n_classes >= 2 and cfg.dataset.name == ds.name
+    assert len(ds.splits["test"]) > 0
 
 
 @pytest.mark.parametrize("name", group_options("backbone"))

@@ -139,3 +139,38 @@ def test_fitted_state_is_saved_and_restores_the_same_predictions(tmp_path):
     from safetensors.torch import load_file
 
     assert set(load_file(str(tmp_path / "o" / "adapter.safetensors"))) == {"keys"}
+
+
+def test_pixel_mode_coop_matches_feature_evaluation(tmp_path):
+    """CoOp trained on pixels: its pixel-path test logits equal the same prompts on cached test features."""
+    from hydra.utils import instantiate
+
+    from adapters.base import AdapterContext, SupportSet, accuracy, predict_split
+    from adapters.coop import CoOp, CoOpPixels
+    from adapters.runner import restore_adapter
+    from caches.backbone import FrozenClip
+    from caches.builder import CacheBuilder
+
+    common = ["shots=1", "views=1", "adapter.epochs=2", "adapter.batch_size=4", "batch_size=128"]
+    res = run(_cfg(tmp_path, "adapter=coop_pixels", *common), out_dir=tmp_path / "px")
+    assert res["selection"]["fit"]["mode"].startswith("pixels") and "test" not in res["cache"]
+    zs = run(_cfg(tmp_path, "adapter=zero_shot", *common[:2]), out_dir=tmp_path / "zs")
+    stores = {k: KVStore.load(v["path"], v["fingerprint"]) for k, v in zs["cache"].items()}
+    from caches.data.datasets import DIGIT_NAMES, load_digits
+
+    backbone = FrozenClip("fewclip-tiny", None, device="cpu")
+    ctx = AdapterContext(classnames=list(DIGIT_NAMES), text_head=stores["text"].keys(),
+                         support=SupportSet(stores["support"].keys(), stores["support"].labels()), backbone=backbone)
+    adapters = {}
+    for name, cls in (("coop", CoOp), ("coop_pixels", CoOpPixels)):
+        adapters[name] = instantiate(_cfg(tmp_path, f"adapter={name}", *common).adapter)
+        assert type(adapters[name]) is cls
+        adapters[name].setup(ctx)
+        restore_adapter(adapters[name], tmp_path / "px")
+    ds = load_digits(['a photo of the number: "{}".'])
+    split = CacheBuilder(backbone, tmp_path / "unused", progress=False).pixel_split(ds, ds.splits["test"])
+    pixel_logits, pixel_labels = predict_split(adapters["coop_pixels"], split)
+    assert accuracy(pixel_logits, pixel_labels) == res["test_acc"]  # the runner's number, recomputed
+    feature_logits = adapters["coop"].predict(stores["test"].keys())
+    assert torch.equal(pixel_labels, stores["test"].labels())
+    torch.testing.assert_close(pixel_logits, feature_logits, rtol=1e-4, atol=1e-3)
