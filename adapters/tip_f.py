@@ -22,9 +22,10 @@ class TipAdapterF(TrainsOnFeatures, TipAdapter):
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
                  alpha_max: float = 3.0, beta_steps: int = 200, alpha_steps: int = 20, chunk: int = 2048,
-                 **train_kwargs: Any) -> None:
+                 memory_budget_gb: float = 4.0, **train_kwargs: Any) -> None:
         TipAdapter.__init__(self, alpha=alpha, beta=beta, search=search, beta_max=beta_max, alpha_max=alpha_max,
-                            beta_steps=beta_steps, alpha_steps=alpha_steps, chunk=chunk)
+                            beta_steps=beta_steps, alpha_steps=alpha_steps, chunk=chunk,
+                            memory_budget_gb=memory_budget_gb)
         self.init_training(train_kwargs)
 
     def setup(self, ctx: AdapterContext) -> None:
