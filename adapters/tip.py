@@ -32,12 +32,14 @@ def class_sum(values: torch.Tensor, labels: torch.Tensor, n_classes: int) -> tor
 
 
 def alpha_accuracies(zs: torch.Tensor, cache: torch.Tensor, labels: torch.Tensor,
-                     alphas: torch.Tensor) -> torch.Tensor:
-    """Accuracy (percent) of ``argmax(zs + alpha * cache)`` for every alpha, exactly, in one pass over C.
+                     alphas: torch.Tensor, top: int = 32) -> torch.Tensor:
+    """Accuracy (percent) of ``argmax(zs + alpha * cache)`` for every alpha, exactly, in a few passes over C.
 
     Needs ``cache >= 0`` and ``alphas >= 0``. For alpha >= a_min the best score is at least
-    ``max_k(zs_k + a_min cache_k)``, and a class scores at most ``zs_j + a_max cache_j``; classes below that
-    bound can never win, so only the few candidates per query are compared for each alpha.
+    ``bound = max_k(zs_k + a_min cache_k)``, and a class scores at most ``zs_j + a_max cache_j``. So per query
+    only the ``top`` classes with the highest upper score are compared for each alpha, and the query is
+    provably exact when its next-best upper score is below ``bound``; the few queries where that fails are
+    scored over all classes.
 
     Args:
         zs, cache: ``[Q, C]``; labels: ``[Q]``; alphas: ``[S]``.
@@ -45,22 +47,30 @@ def alpha_accuracies(zs: torch.Tensor, cache: torch.Tensor, labels: torch.Tensor
         ``[S]`` accuracies in percent. Ties go to the lowest class index, as with ``argmax``.
     """
     a_lo, a_hi = float(alphas.min()), float(alphas.max())
-    upper = zs + a_hi * cache
-    bound = (zs + a_lo * cache).max(dim=1, keepdim=True).values
-    n_cand = int((upper >= bound).sum(dim=1).max())
+    n_cls = zs.shape[1]
     labels = labels.to(zs.device)
-    if n_cand * 4 > zs.shape[1]:  # pruning would not pay: compare all classes
-        cand = torch.arange(zs.shape[1], device=zs.device).expand_as(zs)
+    alpha_list = alphas.tolist()
+    correct = torch.zeros(len(alpha_list), dtype=torch.int64)
+
+    def score(z: torch.Tensor, c: torch.Tensor, cls: torch.Tensor, y: torch.Tensor) -> None:
+        for i, a in enumerate(alpha_list):
+            pred = cls.gather(1, (z + a * c).argmax(dim=1, keepdim=True)).squeeze(1)
+            correct[i] += int((pred == y).sum())
+
+    if top + 1 >= n_cls:
+        score(zs, cache, torch.arange(n_cls, device=zs.device).expand_as(zs), labels)
     else:
-        cand = upper.topk(n_cand, dim=1).indices
-        # Sort candidates by class index so that the first maximum below is the lowest class, like argmax.
-        cand = cand.sort(dim=1).values
-    z_c, c_c = zs.gather(1, cand), cache.gather(1, cand)
-    correct = []
-    for a in alphas.tolist():
-        pred = cand.gather(1, (z_c + a * c_c).argmax(dim=1, keepdim=True)).squeeze(1)
-        correct.append((pred == labels).sum())
-    return torch.stack(correct).double() * 100.0 / labels.numel()
+        bound = (zs + a_lo * cache).max(dim=1).values
+        values, idx = (zs + a_hi * cache).topk(top + 1, dim=1)
+        exact = values[:, top] < bound
+        # Candidates sorted by class index, so that the first maximum is the lowest class, like argmax.
+        cand = idx[exact, :top].sort(dim=1).values
+        score(zs[exact].gather(1, cand), cache[exact].gather(1, cand), cand, labels[exact])
+        rest = ~exact
+        if bool(rest.any()):
+            z, c = zs[rest], cache[rest]
+            score(z, c, torch.arange(n_cls, device=zs.device).expand_as(z), labels[rest])
+    return correct.double() * 100.0 / labels.numel()
 
 
 class TipAdapter(Adapter):
@@ -133,13 +143,15 @@ class TipAdapter(Adapter):
         keep = feats.shape[0] * self.keys.shape[0] * 4 <= self.memory_budget_gb * 2**30
         starts = range(0, feats.shape[0], self.chunk)
         shifted = [feats[i : i + self.chunk] @ self.keys.t() - 1.0 for i in starts] if keep else None
+        buf = torch.empty_like(shifted[0]) if shifted else None  # reused: no 100s-of-MB allocation per beta
         best_acc, best = -1.0, (self.beta, self.alpha)
         for beta in grid["beta"]:
             if shifted is None:
                 cache = self.cache_logits(feats, beta)
             else:
                 # exp(beta (a - 1)) equals exp(-beta (1 - a)) bit for bit (IEEE negation is exact).
-                cache = torch.cat([class_sum(torch.mul(a, beta).exp_(), self.values, n_cls) for a in shifted])
+                cache = torch.cat([class_sum(torch.mul(a, beta, out=buf[: len(a)]).exp_(), self.values, n_cls)
+                                   for a in shifted])
             accs = alpha_accuracies(zs, cache, labels, alphas)
             j = int(accs.argmax())  # first maximum: lowest alpha among ties
             if float(accs[j]) > best_acc:
