@@ -25,14 +25,29 @@ def linear_grid(lo: float, hi: float, steps: int) -> list[float]:
     return [lo + i * (hi - lo) / steps for i in range(steps)]
 
 
-def class_sum(values: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Sum columns by class: ``[B, N] x labels [N] -> [B, C]``, i.e. ``values @ one_hot(labels)``."""
+def class_sum(values: torch.Tensor, labels: torch.Tensor, n_classes: int, block: int = 0) -> torch.Tensor:
+    """Sum columns by class: ``[B, N] x labels [N] -> [B, C]``, i.e. ``values @ one_hot(labels)``.
+
+    ``block = K > 0`` declares that the labels are ``0,..,0, 1,..,1, ...`` with K of each (a few-shot cache
+    in class order): the sum is then a reshape, several times faster than the scatter of ``index_add``.
+    """
+    if block:
+        return values.view(values.shape[0], n_classes, block).sum(dim=-1)
     out = values.new_zeros(values.shape[0], n_classes)
     return out.index_add_(1, labels.to(values.device), values)
 
 
+def label_block(labels: torch.Tensor, n_classes: int) -> int:
+    """K when ``labels == [0]*K + [1]*K + ... + [C-1]*K``, else 0 (see ``class_sum``)."""
+    n = labels.numel()
+    if n == 0 or n % n_classes:
+        return 0
+    k = n // n_classes
+    return k if torch.equal(labels.cpu(), torch.arange(n_classes).repeat_interleave(k)) else 0
+
+
 def alpha_accuracies(zs: torch.Tensor, cache: torch.Tensor, labels: torch.Tensor,
-                     alphas: torch.Tensor, top: int = 32) -> torch.Tensor:
+                     alphas: torch.Tensor, top: int = 64) -> torch.Tensor:
     """Accuracy (percent) of ``argmax(zs + alpha * cache)`` for every alpha, exactly, in a few passes over C.
 
     Needs ``cache >= 0`` and ``alphas >= 0``. For alpha >= a_min the best score is at least
@@ -91,6 +106,7 @@ class TipAdapter(Adapter):
                  chunk: int = 2048, memory_budget_gb: float = 4.0) -> None:
         super().__init__()
         self.memory_budget_gb = float(memory_budget_gb)
+        self.block = 0  # K when the cache is K-per-class in class order (set by setup)
         self.alpha, self.beta, self.search = float(alpha), float(beta), bool(search)
         self.beta_max, self.alpha_max = float(beta_max), float(alpha_max)
         self.beta_steps, self.alpha_steps, self.chunk = int(beta_steps), int(alpha_steps), int(chunk)
@@ -101,6 +117,7 @@ class TipAdapter(Adapter):
         super().setup(ctx)
         self.keys = ctx.support.keys.float().to(ctx.device)
         self.values = ctx.support.labels.to(ctx.device)
+        self.block = label_block(self.values, ctx.n_classes)
 
     def hparam_grid(self) -> dict[str, list[float]]:
         if not self.search:
@@ -117,7 +134,7 @@ class TipAdapter(Adapter):
         out = []
         for i in range(0, features.shape[0], self.chunk):
             affinity = features[i : i + self.chunk].float() @ self.keys.t()
-            out.append(class_sum(torch.exp(-beta * (1.0 - affinity)), self.values, n_cls))
+            out.append(class_sum(torch.exp(-beta * (1.0 - affinity)), self.values, n_cls, self.block))
         return torch.cat(out) if out else features.new_zeros(0, n_cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +167,8 @@ class TipAdapter(Adapter):
                 cache = self.cache_logits(feats, beta)
             else:
                 # exp(beta (a - 1)) equals exp(-beta (1 - a)) bit for bit (IEEE negation is exact).
-                cache = torch.cat([class_sum(torch.mul(a, beta, out=buf[: len(a)]).exp_(), self.values, n_cls)
-                                   for a in shifted])
+                cache = torch.cat([class_sum(torch.mul(a, beta, out=buf[: len(a)]).exp_(), self.values, n_cls,
+                                             self.block) for a in shifted])
             accs = alpha_accuracies(zs, cache, labels, alphas)
             j = int(accs.argmax())  # first maximum: lowest alpha among ties
             if float(accs[j]) > best_acc:

@@ -61,6 +61,19 @@ def test_tip_matches_dense_one_hot_formula_and_alpha_zero_is_zero_shot():
     torch.testing.assert_close(tip(q), zs(q))
 
 
+def test_class_sum_equals_one_hot_product():
+    from adapters.tip import class_sum, label_block
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(5, 12, generator=g)
+    blocked = torch.arange(4).repeat_interleave(3)
+    assert label_block(blocked, 4) == 3 and label_block(blocked.flip(0), 4) == 0 and label_block(blocked, 5) == 0
+    for labels in (blocked, torch.tensor([2, 0, 1, 3, 3, 0, 1, 2, 2, 0, 1, 3])):
+        expected = v @ F.one_hot(labels, 4).float()
+        torch.testing.assert_close(class_sum(v, labels, 4, label_block(labels, 4)), expected)
+        torch.testing.assert_close(class_sum(v, labels, 4), expected)
+
+
 def test_linear_grid_is_the_reference_grid():
     g = linear_grid(0.1, 7.0, 200)
     assert len(g) == 200 and g[0] == pytest.approx(0.1) and g[-1] < 7.0
