@@ -47,44 +47,28 @@ def label_block(labels: torch.Tensor, n_classes: int) -> int:
 
 
 def alpha_accuracies(zs: torch.Tensor, cache: torch.Tensor, labels: torch.Tensor,
-                     alphas: torch.Tensor, top: int = 64) -> torch.Tensor:
-    """Accuracy (percent) of ``argmax(zs + alpha * cache)`` for every alpha, exactly, in a few passes over C.
+                     alphas: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Accuracy (percent) of ``argmax(zs + alpha * cache)`` for every alpha.
 
-    Needs ``cache >= 0`` and ``alphas >= 0``. For alpha >= a_min the best score is at least
-    ``bound = max_k(zs_k + a_min cache_k)``, and a class scores at most ``zs_j + a_max cache_j``. So per query
-    only the ``top`` classes with the highest upper score are compared for each alpha, and the query is
-    provably exact when its next-best upper score is below ``bound``; the few queries where that fails are
-    scored over all classes.
+    Blocks of queries small enough to stay in the CPU cache are scored for all alphas before moving on, with
+    one fused ``torch.add(zs, cache, alpha=a)`` into a reused buffer: the same kernel as ``TipAdapter.forward``,
+    so the logits are bit for bit the ones the adapter will produce.
 
     Args:
         zs, cache: ``[Q, C]``; labels: ``[Q]``; alphas: ``[S]``.
     Returns:
         ``[S]`` accuracies in percent. Ties go to the lowest class index, as with ``argmax``.
     """
-    a_lo, a_hi = float(alphas.min()), float(alphas.max())
-    n_cls = zs.shape[1]
-    labels = labels.to(zs.device)
     alpha_list = alphas.tolist()
+    labels = labels.to(zs.device)
     correct = torch.zeros(len(alpha_list), dtype=torch.int64)
-
-    def score(z: torch.Tensor, c: torch.Tensor, cls: torch.Tensor, y: torch.Tensor) -> None:
-        for i, a in enumerate(alpha_list):
-            pred = cls.gather(1, (z + a * c).argmax(dim=1, keepdim=True)).squeeze(1)
-            correct[i] += int((pred == y).sum())
-
-    if top + 1 >= n_cls:
-        score(zs, cache, torch.arange(n_cls, device=zs.device).expand_as(zs), labels)
-    else:
-        bound = (zs + a_lo * cache).max(dim=1).values
-        values, idx = (zs + a_hi * cache).topk(top + 1, dim=1)
-        exact = values[:, top] < bound
-        # Candidates sorted by class index, so that the first maximum is the lowest class, like argmax.
-        cand = idx[exact, :top].sort(dim=1).values
-        score(zs[exact].gather(1, cand), cache[exact].gather(1, cand), cand, labels[exact])
-        rest = ~exact
-        if bool(rest.any()):
-            z, c = zs[rest], cache[rest]
-            score(z, c, torch.arange(n_cls, device=zs.device).expand_as(z), labels[rest])
+    buf = torch.empty(min(block, zs.shape[0]), zs.shape[1], dtype=zs.dtype, device=zs.device)
+    for i in range(0, zs.shape[0], block):
+        z, c, y = zs[i : i + block], cache[i : i + block], labels[i : i + block]
+        out = buf[: z.shape[0]]
+        for j, a in enumerate(alpha_list):
+            torch.add(z, c, alpha=a, out=out)
+            correct[j] += int((out.argmax(dim=1) == y).sum())
     return correct.double() * 100.0 / labels.numel()
 
 
@@ -139,7 +123,8 @@ class TipAdapter(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D] -> [B, C]``."""
-        return self.zero_shot_logits(x) + self.alpha * self.cache_logits(x, self.beta)
+        # One fused kernel, the same one the search scores with (see alpha_accuracies).
+        return torch.add(self.zero_shot_logits(x), self.cache_logits(x, self.beta), alpha=self.alpha)
 
     @torch.no_grad()
     def tune(self, val: FeatureSplit) -> dict[str, Any]:
