@@ -300,10 +300,17 @@ class FrozenClip:
             ``[P, D]`` float32 text features, L2-normalised.
         """
         m = self._text_tower()
-        x = embeds + m.positional_embedding.float()
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        eot = tokens.argmax(dim=-1)
+        mask = m.attn_mask
+        if mask is not None:
+            # Causal attention: positions up to the last end-of-text token never see the padding after it,
+            # so dropping that padding gives the same features for a fraction of the cost (77 -> ~20 tokens).
+            length = int(eot.max()) + 1
+            embeds, mask = embeds[:, :length], mask[:length, :length]
+        x = embeds + m.positional_embedding[: embeds.shape[1]].float()
+        x = m.transformer(x, attn_mask=mask)
         x = m.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = m.text_projection
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
         return F.normalize(x.float(), dim=-1)
