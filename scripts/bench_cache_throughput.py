@@ -25,6 +25,9 @@ Run
     python scripts/bench_cache_throughput.py                                    # fewclip-tiny, 512 images
     python scripts/bench_cache_throughput.py --model RN50-quickgelu --n-images 64   # RN50-like cost, 224 px
 
+    With the tiny model a round lasts about 50 ms, so a busy machine shows in the numbers: use more rounds
+    (``--rounds 15``) for a steadier median. On 2 CPU cores the RN50 run takes about 3 minutes.
+
 Flags
     --model (fewclip-tiny): open_clip architecture, built with random weights (no download); e.g.
         ``RN50-quickgelu`` for the cost of CLIP RN50 at 224 px. The image side is the model's own.

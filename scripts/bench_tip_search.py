@@ -5,8 +5,8 @@ What it measures
     same float32 inputs, and whether both pick the same point with the same val accuracy:
 
     (i)  fewclip: ``adapters.tip.TipAdapter.tune`` as it stands (see its docstring: the beta-independent
-         affinities computed once when they fit its memory budget, the per-class sum of the cache as an
-         ``index_add``, every alpha scored at once with exact candidate pruning in ``alpha_accuracies``);
+         affinities computed once when they fit its memory budget, one in-place exp per beta, the per-class
+         sum of the cache as a reshape, every alpha scored block by block in ``alpha_accuracies``);
     (ii) a reference written here, re-derived from ``search_hp`` of the original Tip-Adapter code
          (gaopengcuhk/Tip-Adapter): for each beta, ``affinity = val @ keys^T`` and
          ``cache = exp(-beta (1 - affinity)) @ one_hot(values)`` as a dense ``[N, C]`` float matmul; then
