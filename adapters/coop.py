@@ -79,7 +79,8 @@ class CoOp(TrainsOnFeatures, Adapter):
         names = [c.replace("_", " ") for c in ctx.classnames]
         prefix = " ".join(["X"] * m)
         tokens, embeds = bb.token_embeddings([f"{prefix} {n}." for n in names])
-        name_lens = [int(bb.token_embeddings([n])[0][0].argmax()) - 1 for n in names]
+        # Tokens per class name (between SOS and EOS), from one batched tokenizer call.
+        name_lens = (bb.tokenizer(names).argmax(dim=-1) - 1).tolist()
         self.register_buffer("token_sos", embeds[:, :1], persistent=False)  # [C, 1, W]
         self.register_buffer("token_suffix", embeds[:, 1 + m :], persistent=False)  # class, '.', EOS, pad
         self.name_lens = name_lens
