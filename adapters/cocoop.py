@@ -19,6 +19,7 @@ from torch import nn
 
 from adapters.base import AdapterContext
 from adapters.coop import CoOp
+from adapters.training import seeded_linear
 
 
 class CoCoOp(CoOp):
@@ -36,12 +37,7 @@ class CoCoOp(CoOp):
         d, width = self.text_head.shape[1], self.context.shape[-1]
         gen = torch.Generator().manual_seed(ctx.seed + 1)
         hidden = max(1, d // 16)
-        first, second = nn.Linear(d, hidden), nn.Linear(hidden, width)
-        for layer in (first, second):  # nn.Linear's default bounds, from a seeded local generator
-            bound = 1.0 / layer.in_features ** 0.5
-            with torch.no_grad():
-                layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
-                layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
+        first, second = seeded_linear(d, hidden, gen), seeded_linear(hidden, width, gen)
         self.meta_net = nn.Sequential(first, nn.ReLU(), second).to(ctx.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,9 @@ class CoOp(TrainsOnFeatures, Adapter):
     """Learned prompt context.
 
     Args:
-        n_ctx: number of context vectors M (ignored when ``ctx_init`` is given: its token count is used).
+        n_ctx: number of learned context vectors M. With ``ctx_init``, the first M of its tokens are learned and
+            the rest stay fixed words of the prompt (MaPLe's convention; only with the class token at the end);
+            M = 0 or M >= its token count learns them all.
         ctx_init: words to initialise the context from ("a photo of a"), or "" for random N(0, 0.02).
         class_token_position: ``end``, ``middle`` or ``front``.
         csc: class-specific context (one context per class) instead of one shared context.
@@ -64,20 +66,25 @@ class CoOp(TrainsOnFeatures, Adapter):
         gen = torch.Generator().manual_seed(ctx.seed)
         if self.ctx_init:
             init_tokens, init_embeds = bb.token_embeddings([self.ctx_init])
-            m = int(init_tokens[0].argmax()) - 1  # tokens between SOS and EOS
+            n_init = int(init_tokens[0].argmax()) - 1  # tokens between SOS and EOS
+            m = n_init if self.n_ctx <= 0 else min(self.n_ctx, n_init)
+            if m < n_init and self.position != "end":
+                raise ValueError("learning only part of ctx_init needs class_token_position=end")
             vectors = init_embeds[0, 1 : 1 + m].clone()
             if self.csc:
                 vectors = vectors[None].repeat(ctx.n_classes, 1, 1)
+            # The init words themselves mark where the context goes (the first m are replaced, the rest stay).
+            prefix = self.ctx_init
         else:
             m = self.n_ctx
             width = bb.token_embeddings(["x"])[1].shape[-1]
             shape = (ctx.n_classes, m, width) if self.csc else (m, width)
             vectors = torch.randn(shape, generator=gen) * 0.02
+            # Placeholder words mark where the context goes; their embeddings are replaced in `prompt_embeddings`.
+            prefix = " ".join(["X"] * m)
         self.n_ctx = m
         self.context = nn.Parameter(vectors.to(ctx.device))
-        # Placeholder words mark where the context goes; their embeddings are replaced in `prompt_embeddings`.
         names = [c.replace("_", " ") for c in ctx.classnames]
-        prefix = " ".join(["X"] * m)
         tokens, embeds = bb.token_embeddings([f"{prefix} {n}." for n in names])
         # Tokens per class name (between SOS and EOS), from one batched tokenizer call.
         name_lens = (bb.tokenizer(names).argmax(dim=-1) - 1).tolist()
@@ -123,10 +130,14 @@ class CoOp(TrainsOnFeatures, Adapter):
         """``[C, D]`` normalised class embeddings from the learned prompts (cached while not training)."""
         if not self.training and self._text_cache is not None:
             return self._text_cache
-        feats = self.ctx.backbone.encode_prompt_embeddings(self.prompt_embeddings(self.context), self.meta_tokens)
+        feats = self.encode_text()
         if not self.training:
             self._text_cache = feats.detach()
         return feats
+
+    def encode_text(self) -> torch.Tensor:
+        """``[C, D]`` normalised features of the current prompts (prompt learners with deep prompts extend it)."""
+        return self.ctx.backbone.encode_prompt_embeddings(self.prompt_embeddings(self.context), self.meta_tokens)
 
     def train(self, mode: bool = True) -> CoOp:
         self._text_cache = None  # parameters may change: recompute the class embeddings
@@ -153,5 +164,6 @@ class CoOpPixels(CoOp):
             raise ValueError("CoOpPixels needs AdapterContext.pixels (the runner provides it)")
         batches = px.train.augmented_batches(px.aug, self.ctx.seed, self.spec.batch_size)
         return train(self, batches, val, self.spec, seed=self.ctx.seed, loss_fn=self.loss,
-                     progress=self.ctx.progress, desc="CoOp (pixels)", mode="pixels (fresh augmentation)",
+                     progress=self.ctx.progress, desc=f"{type(self).__name__} (pixels)",
+                     mode="pixels (fresh augmentation)",
                      steps_per_epoch=math.ceil(len(px.train) / self.spec.batch_size))

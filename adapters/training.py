@@ -82,13 +82,15 @@ def view_batches(support: SupportSet, batch_size: int) -> Batches:
     return batches
 
 
-def _lr_lambda(spec: TrainSpec, steps_per_epoch: int) -> Callable[[int], float]:
-    warm = spec.warmup_epochs * steps_per_epoch
+def _lr_lambda(spec: TrainSpec, steps_per_epoch: int, base_lr: float | None = None,
+               warmup_epochs: int | None = None) -> Callable[[int], float]:
+    warm = (spec.warmup_epochs if warmup_epochs is None else warmup_epochs) * steps_per_epoch
     total = max(1, spec.epochs * steps_per_epoch - warm)
+    base_lr = spec.lr if base_lr is None else base_lr
 
     def factor(step: int) -> float:
-        if step < warm:
-            return spec.warmup_lr / spec.lr
+        if step < warm:  # a constant warmup learning rate, the same for every parameter group (Dassl)
+            return spec.warmup_lr / base_lr
         if spec.schedule == "constant":
             return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total) / total))
@@ -122,13 +124,20 @@ def train(
     if not params:
         raise ValueError(f"{type(adapter).__name__} has no trainable parameters")
     loss_fn = loss_fn or F.cross_entropy
+    # Adapters may train parts at different learning rates (DPT: text prompts 0.002, visual prompts 0.01).
+    groups_fn = getattr(adapter, "param_groups", None)
+    groups = groups_fn() if groups_fn is not None else [{"params": params}]
+    for g in groups:
+        g.setdefault("lr", spec.lr)
     if spec.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=spec.lr, eps=spec.eps, weight_decay=spec.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=spec.lr, eps=spec.eps, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    steps = steps_per_epoch or sum(1 for _ in batches(0, torch.Generator().manual_seed(seed)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec, max(1, steps)))
+    steps = max(1, steps_per_epoch or sum(1 for _ in batches(0, torch.Generator().manual_seed(seed))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [_lr_lambda(spec, steps, g["lr"], g.get("warmup_epochs")) for g in opt.param_groups])
+    start_epoch = getattr(adapter, "start_epoch", None)
     device = next(iter(params)).device
     use_amp = spec.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -139,6 +148,8 @@ def train(
     bar = tqdm(range(1, spec.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         adapter.train()
+        if start_epoch is not None:  # methods whose loss changes with the epoch (DPT's warm-up losses)
+            start_epoch(epoch)
         total, count = 0.0, 0
         for step, (x, y) in enumerate(batches(epoch, gen)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -179,12 +190,24 @@ def train(
             "train_loss": losses, "val_acc": val_accs, "mode": mode}
 
 
+def seeded_linear(in_features: int, out_features: int, gen: torch.Generator, bias: bool = True
+                  ) -> torch.nn.Linear:
+    """``nn.Linear`` with PyTorch's default bounds, U(-1/sqrt(in), 1/sqrt(in)), drawn from a local generator."""
+    layer = torch.nn.Linear(in_features, out_features, bias=bias)
+    bound = 1.0 / in_features ** 0.5
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
+    return layer
+
+
 class TrainsOnFeatures:
     """Mixin for adapters trained by ``train`` on the support set's cached views (feature mode).
 
     Use as ``class MyAdapter(TrainsOnFeatures, Adapter)``; call ``self.init_training(kwargs)`` in
     ``__init__`` with the ``TrainSpec`` fields the YAML passes, build modules in ``setup``, and override
-    ``loss`` when the method adds terms to cross-entropy.
+    ``loss`` when the method adds terms to cross-entropy. Optional hooks read by ``train``:
+    ``param_groups()`` (optimiser groups, each may set ``lr`` and ``warmup_epochs``) and ``start_epoch(epoch)``.
     """
 
     trainable = True

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 TINY_MODEL = "fewclip-tiny"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _HF_HOST = ("huggingface.co", 443)
+
+
+class UnsupportedBackboneError(ValueError):
+    """The chosen method cannot work with this backbone's architecture (e.g. visual prompts on a ResNet)."""
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -159,6 +163,42 @@ def resolve_weights(model: str, pretrained: str | None, cache_dir: str | None = 
     return path, preprocess
 
 
+PromptFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+def run_prompted_blocks(transformer: Any, x: torch.Tensor, prompts: PromptFn, start: int, n_prompts: int = 0,
+                        attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Run an open_clip ``Transformer``'s ``resblocks`` one by one, setting prompt tokens before each block.
+
+    This is how deep prompts (VPT, MaPLe, DPT) are wrapped around open_clip's own blocks without forking its
+    model code. The prompt tokens sit at ``x[:, start : start + n]``.
+
+    Args:
+        transformer: an open_clip ``Transformer`` (anything with ``resblocks`` and ``batch_first``).
+        x: ``[B, T, W]`` token states, batch first.
+        prompts: ``(i, others) -> [B, n_i, W] | None`` called before block ``i`` with ``others``, the
+            ``[B, T - n, W]`` non-prompt tokens. A tensor replaces the current prompt tokens (``n`` may change;
+            the previous ones and what the earlier blocks made of them are dropped); None keeps them, so they flow
+            through the block like any token.
+        start: index of the first prompt token.
+        n_prompts: prompt tokens already in ``x`` on entry (text context spliced into the input).
+        attn_mask: passed to every block (the text tower's causal mask); the caller keeps its size consistent.
+    Returns:
+        ``([B, T', W] token states, number of prompt tokens at the end)``.
+    """
+    n = n_prompts
+    for i, block in enumerate(transformer.resblocks):
+        p = prompts(i, torch.cat([x[:, :start], x[:, start + n :]], dim=1))
+        if p is not None:
+            x = torch.cat([x[:, :start], p.to(x.dtype), x[:, start + n :]], dim=1)
+            n = p.shape[1]
+        if transformer.batch_first:
+            x = block(x, attn_mask=attn_mask)
+        else:  # open_clip < 2.24 ran its blocks sequence first
+            x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+    return x, n
+
+
 class FrozenClip:
     """A frozen open_clip model with batched, no-grad, L2-normalised encoders.
 
@@ -276,11 +316,28 @@ class FrozenClip:
     def _text_tower(self) -> Any:
         m = self.model
         if not all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
-            raise NotImplementedError(
+            raise UnsupportedBackboneError(
                 f"prompt learning needs open_clip's built-in CLIP text tower; {self.model_name} uses a custom text "
                 "encoder (e.g. a Hugging Face model), which is not supported"
             )
         return m
+
+    def vision_transformer(self, method: str) -> Any:
+        """The image tower when it is an open_clip ``VisionTransformer`` (visual prompts need one).
+
+        Raises ``UnsupportedBackboneError`` naming ``method`` for ResNet towers (RN50, RN101, ...), timm towers
+        and attention-pooled towers (CoCa), where prompt tokens have no place to go.
+        """
+        from open_clip.transformer import VisionTransformer
+
+        v = self.model.visual
+        if not isinstance(v, VisionTransformer) or getattr(v, "attn_pool", None) is not None:
+            raise UnsupportedBackboneError(
+                f"{method} inserts prompt tokens into a ViT image encoder; {self.model_name} has a "
+                f"{type(v).__name__} image tower. Use a ViT backbone (backbone=vit_b16, vit_b32, tiny) or a "
+                "text-only prompt learner (adapter=coop, cocoop)"
+            )
+        return v
 
     @torch.no_grad()
     def token_embeddings(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,13 +346,19 @@ class FrozenClip:
         tokens = self.tokenizer(list(texts)).to(self.device)
         return tokens, m.token_embedding(tokens).float()
 
-    def encode_prompt_embeddings(self, embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_prompt_embeddings(self, embeds: torch.Tensor, tokens: torch.Tensor,
+                                 deep_prompts: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                                 prompt_start: int = 1) -> torch.Tensor:
         """Run the frozen text transformer on given token embeddings, with gradients to ``embeds``.
 
         Args:
             embeds: ``[P, L, W]`` token embeddings (learned context vectors spliced in by prompt learners).
             tokens: ``[P, L]`` the token ids the embeddings stand for; the end-of-text position (highest id,
                 CLIP's convention) is pooled.
+            deep_prompts: ``[J - 1, M, W]`` (or a sequence of ``[M, W]``): deep text prompts. Entry ``j`` replaces
+                the M context positions ``prompt_start : prompt_start + M`` at the input of block ``j + 1``
+                (MaPLe); later blocks carry what the last replacement became.
+            prompt_start: position of the first context token (1: right after start-of-text).
         Returns:
             ``[P, D]`` float32 text features, L2-normalised.
         """
@@ -308,12 +371,53 @@ class FrozenClip:
             length = int(eot.max()) + 1
             embeds, mask = embeds[:, :length], mask[:length, :length]
         x = embeds + m.positional_embedding[: embeds.shape[1]].float()
-        x = m.transformer(x, attn_mask=mask)
+        if deep_prompts is None or len(deep_prompts) == 0:
+            x = m.transformer(x, attn_mask=mask)
+        else:
+            deep = list(deep_prompts)
+            if len(deep) >= len(m.transformer.resblocks):
+                raise UnsupportedBackboneError(
+                    f"{len(deep) + 1} layers of text prompts requested; {self.model_name}'s text transformer has "
+                    f"{len(m.transformer.resblocks)}")
+            n_ctx, batch = deep[0].shape[-2], x.shape[0]
+
+            def layer_prompt(i: int, _: torch.Tensor) -> torch.Tensor | None:
+                if 1 <= i <= len(deep):
+                    return deep[i - 1].expand(batch, -1, -1) if deep[i - 1].dim() == 2 else deep[i - 1]
+                return None
+
+            x, _ = run_prompted_blocks(m.transformer, x, layer_prompt, prompt_start, n_ctx, attn_mask=mask)
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = m.text_projection
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
         return F.normalize(x.float(), dim=-1)
+
+    def encode_images_prompted(self, pixels: torch.Tensor, prompts: PromptFn, method: str = "visual prompts"
+                               ) -> torch.Tensor:
+        """Encode images through the frozen ViT with prompt tokens, gradients flowing to the prompts.
+
+        The patch embedding, class token, positional embedding and ``ln_pre`` are open_clip's own
+        (``VisionTransformer._embeds``); prompt tokens are appended after the T image tokens by ``prompts``
+        (see ``run_prompted_blocks``; returned for block 0 they are input tokens, which MaPLe passes through
+        ``ln_pre`` itself); before pooling they are dropped, so ``ln_post``, pooling and projection
+        (``_pool``, ``proj``) see exactly the T image tokens, as in VPT, MaPLe and DPT.
+
+        Args:
+            pixels: ``[B, 3, S, S]`` normalised images.
+            prompts: ``(i, image_tokens [B, T, W]) -> [B, n_i, W] | None`` per block.
+        Returns:
+            ``[B, D]`` float32 L2-normalised features.
+        """
+        v = self.vision_transformer(method)
+        pixels = pixels.to(self.device, non_blocking=True)
+        x = v._embeds(pixels)  # [B, T, W]
+        n_tokens = x.shape[1]
+        x, _ = run_prompted_blocks(v.transformer, x, prompts, n_tokens)
+        pooled, _ = v._pool(x[:, :n_tokens])
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return F.normalize(pooled.float(), dim=-1)
 
     @torch.no_grad()
     def text_head(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:

@@ -174,3 +174,26 @@ def test_pixel_mode_coop_matches_feature_evaluation(tmp_path):
     feature_logits = adapters["coop"].predict(stores["test"].keys())
     assert torch.equal(pixel_labels, stores["test"].labels())
     torch.testing.assert_close(pixel_logits, feature_logits, rtol=1e-4, atol=1e-3)
+
+
+def _adapter_yamls() -> list[str]:
+    from adapters.config import group_options
+
+    return group_options("adapter")
+
+
+@pytest.mark.parametrize("adapter", _adapter_yamls())
+def test_every_adapter_runs_on_a_folder_dataset(tmp_path, class_folder, adapter):
+    """``fewclip run adapter=NAME dataset=folder``: every adapter YAML fits, selects on val and writes a result."""
+    from omegaconf import OmegaConf
+
+    from adapters.config import conf_dir
+
+    node = OmegaConf.load(conf_dir() / "adapter" / f"{adapter}.yaml")
+    short = [f"adapter.epochs={1 if adapter == 'cocoop' else 2}"] if "epochs" in node else []
+    res = run(_cfg(tmp_path, "dataset=folder", f"dataset.root={class_folder}", f"adapter={adapter}", "shots=2",
+                   "views=2", *short), out_dir=tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["adapter"] == adapter and saved["n_classes"] == 3 and saved["n_support"] == 6
+    assert 0 <= saved["test_acc"] <= 100 and saved["test_acc"] == res["test_acc"]
+    assert saved["n_test"] > 0 and "test" not in saved["selection"]
