@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import synthetic_features
 
+from adapters.ape import APE, APET
 from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
 from adapters.gda import GDA
+from adapters.tip import TipAdapter
+from adapters.tuning import grid_search
 from adapters.zero_shot import ZeroShot
 
 C, D = 6, 16
@@ -92,3 +97,106 @@ def test_gda_searches_alpha_on_val_and_beats_zero_shot(task):
                for a in gda.alpha_grid)
     assert record["val_acc"] == pytest.approx(best)
     assert accuracy(gda.predict(test.features), test.labels) > _zero_shot_accuracy(support, text, test) + 10
+
+
+# ---------------------------------------------------------------------------------------------------- APE
+def _small_cache(seed=0, n_cls=3, shots=2, dim=8):
+    g = torch.Generator().manual_seed(seed)
+    text = F.normalize(torch.randn(n_cls, dim, generator=g), dim=-1)
+    keys = F.normalize(torch.randn(n_cls * shots, dim, generator=g), dim=-1)
+    labels = torch.arange(n_cls).repeat_interleave(shots)
+    return text, keys, labels
+
+
+@pytest.mark.parametrize("weights", [(0.7, 0.3), (0.2, 0.8)])
+def test_ape_refined_channels_follow_the_criterion_computed_by_hand(weights):
+    text, keys, labels = _small_cache(seed=3)
+    # scramble the label order: the criterion must not assume a class-ordered cache
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    keys, labels = keys[perm], labels[perm]
+    n_cls, dim = text.shape
+    samples = [[text[c].double().numpy()] + [k.double().numpy() for k in keys[labels == c]] for c in range(n_cls)]
+    sim, count = np.zeros(dim), 0
+    for i, j in itertools.product(range(n_cls), repeat=2):
+        if i != j:
+            for a in samples[i]:
+                for b in samples[j]:
+                    sim += a * b
+                    count += 1
+    criterion = -weights[0] * sim / count + weights[1] * text.double().numpy().var(axis=0, ddof=1)
+    ape = _setup(APE(channel_ratio=5 / 8, criterion_weights=weights, search=False), SupportSet(keys, labels), text)
+    assert sorted(ape.channels.tolist()) == sorted(np.argsort(-criterion)[:5].tolist())
+
+
+def test_ape_logits_hand_computed():
+    text, keys, labels = _small_cache(seed=5)
+    ape = _setup(APE(alpha=1.5, beta=3.0, gamma=0.4, channel_ratio=6 / 8, search=False), SupportSet(keys, labels),
+                 text)
+    ch = ape.channels.numpy()
+    q = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(9)), dim=-1)
+
+    def refine(v):
+        v = v.double().numpy()[:, ch]
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    kr, tr, qr = refine(keys), refine(text), refine(q)
+    expected = 100 * q.double().numpy() @ text.double().numpy().T
+    for n in range(len(labels)):
+        cos = kr[n] @ tr.T
+        p = np.exp(cos) / np.exp(cos).sum()
+        kl = np.log2((1 + 1e-6) / (p[labels[n]] + 1e-6))  # one-hot target: only its own class contributes
+        for b in range(len(q)):
+            expected[b, labels[n]] += 1.5 * np.exp(-3.0 * (1 - qr[b] @ kr[n])) * np.exp(0.4 * kl)
+    np.testing.assert_allclose(ape.predict(q).numpy(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_ape_search_equals_the_plain_grid_loop_in_the_reference_order(task):
+    support, text, val, _ = task
+    kw = dict(beta_max=6.0, alpha_max=5.0, gamma_max=2.0, beta_steps=6, alpha_steps=5, gamma_steps=4)
+    fast, slow = _setup(APE(**kw), support, text), _setup(APE(**kw), support, text)
+    rec = fast.tune(val)
+    rec_slow = grid_search(slow, val)  # beta, alpha, gamma nested in that order: the reference's loops
+    assert fast.hparams() == slow.hparams()
+    assert rec["val_acc"] == rec_slow["val_acc"] == accuracy(fast.predict(val.features), val.labels)
+    assert rec["grid_size"] == 6 * 5 * 4
+
+
+def test_ape_t_before_training_is_tip_adapter_on_all_channels(task):
+    support, text, _, test = task
+    ape_t = _setup(APET(alpha=1.7, beta=4.0, search=False), support, text)
+    tip = _setup(TipAdapter(alpha=1.7, beta=4.0, search=False), support, text)
+    torch.testing.assert_close(ape_t.predict(test.features), tip.predict(test.features), rtol=1e-5, atol=1e-4)
+    k = round(0.78125 * D)
+    assert set(ape_t.state_dict()) == {"residual", "value_scale"} and ape_t.residual.shape == (C, k)
+    # the residual moves the class's text embedding and all its keys, on the selected channels only
+    with torch.no_grad():
+        ape_t.residual[2, 0] = 0.5
+    d = int(ape_t.channels[0])
+    moved_text = (ape_t.text_weights() - text).abs() > 0
+    moved_keys = (ape_t.cache_keys() - support.keys).abs() > 0
+    assert moved_text.nonzero().tolist() == [[2, d]]
+    assert moved_keys.nonzero().tolist() == [[n, d] for n in range(len(support)) if support.labels[n] == 2]
+
+
+def test_ape_beats_zero_shot_with_a_weak_text_head(task):
+    support, text, val, test = task
+    ape = _setup(APE(beta_steps=20, alpha_steps=10, gamma_steps=5, alpha_max=20.0), support, text)
+    ape.tune(val)
+    assert accuracy(ape.predict(test.features), test.labels) > _zero_shot_accuracy(support, text, test) + 10
+
+
+# ---------------------------------------------------------------------------------------------------- learning
+TRAINABLE = {
+    "ape_t": lambda: APET(epochs=30, lr=0.01, batch_size=16, beta_steps=10, alpha_steps=10, alpha_max=20.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINABLE))
+def test_trainable_adapters_lower_their_loss_and_learn_the_task(task, name):
+    support, text, val, test = task
+    adapter = _setup(TRAINABLE[name](), support, text)
+    record = adapter.fit(support, val)
+    adapter.tune(val)
+    assert record["train_loss"][-1] < record["train_loss"][0]
+    acc = accuracy(adapter.predict(test.features), test.labels)
+    assert acc > 100.0 / C + 40 and acc > _zero_shot_accuracy(support, text, test) + 10
