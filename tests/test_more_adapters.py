@@ -13,6 +13,7 @@ from conftest import synthetic_features
 from adapters.ape import APE, APET
 from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
 from adapters.gda import GDA
+from adapters.lp_pp import LPPlusPlus
 from adapters.tip import TipAdapter
 from adapters.tuning import grid_search
 from adapters.zero_shot import ZeroShot
@@ -185,8 +186,52 @@ def test_ape_beats_zero_shot_with_a_weak_text_head(task):
     assert accuracy(ape.predict(test.features), test.labels) > _zero_shot_accuracy(support, text, test) + 10
 
 
+# ---------------------------------------------------------------------------------------------------- LP++
+def test_lp_pp_initial_prototypes_multipliers_and_step_sizes(task):
+    support, text, _, test = task
+    lp = _setup(LPPlusPlus(), support, text)
+    x = support.views.reshape(-1, D).double().numpy()
+    y = support.labels.repeat(3).numpy()
+    t = text.double().numpy()
+    sums = np.stack([x[y == c].sum(axis=0) for c in range(C)])  # the reference's "centroids" are sums
+    np.testing.assert_allclose(lp.weight.detach().numpy(), sums, rtol=1e-5, atol=1e-5)
+    assert not lp.bias.detach().any()
+    own = np.mean([np.mean(x[y == c] @ t[c]) for c in range(C)])
+    np.testing.assert_allclose(lp.alpha.detach().numpy(), np.full(C, 250 * own), rtol=1e-5)
+    assert lp.lr_w == pytest.approx(4 * len(x) / np.linalg.eigvalsh(x.T @ x).max(), rel=1e-5)
+    assert lp.lr_alpha == pytest.approx(len(x) / (4 * ((x @ t.T) ** 2).sum(axis=0).max()), rel=1e-5)
+    f = test.features.double().numpy()
+    np.testing.assert_allclose(lp.predict(test.features).numpy(), f @ sums.T + 250 * own * (f @ t.T),
+                               rtol=1e-4, atol=1e-3)
+    assert set(lp.state_dict()) == {"weight", "bias", "alpha"}
+
+
+def test_lp_pp_steps_match_a_hand_written_block_descent(task):
+    support, text, val, _ = task
+    lp = _setup(LPPlusPlus(epochs=12, alpha_every=5, select="last"), support, text)
+    x, y = support.views.reshape(-1, D), support.labels.repeat(3)
+    w, b = lp.weight.detach().clone(), torch.zeros(C)
+    a = lp.alpha.detach().clone()
+    vw, vb = torch.zeros_like(w), torch.zeros_like(b)
+    grad_sum = torch.zeros(C)
+    for step in range(1, 13):
+        w.requires_grad_(True), b.requires_grad_(True), a.requires_grad_(True)
+        loss = F.cross_entropy(x @ w.t() + b + a * (x @ text.t()), y)
+        gw, gb, ga = torch.autograd.grad(loss, (w, b, a))
+        with torch.no_grad():
+            vw, vb = 0.9 * vw + gw, 0.9 * vb + gb  # SGD momentum
+            w, b = w - lp.lr_w * vw, b - lp.lr_w * vb
+            grad_sum = grad_sum + ga  # never reset, as the reference
+            a = a - lp.lr_alpha * grad_sum if step % 5 == 0 else a.detach()
+    record = lp.fit(support, val)
+    assert record["selected_by"] == "last" and record["best_epoch"] == 12
+    torch.testing.assert_close(lp.weight.detach(), w, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lp.alpha.detach(), a, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------- learning
 TRAINABLE = {
+    "lp_pp": lambda: LPPlusPlus(epochs=100),
     "ape_t": lambda: APET(epochs=30, lr=0.01, batch_size=16, beta_steps=10, alpha_steps=10, alpha_max=20.0),
 }
 
