@@ -3,6 +3,13 @@
 ``CacheBuilder`` is idempotent: each store lives at
 ``<cache_dir>/<backbone>/<dataset>/<kind>-<split>[-k<K>-s<seed>-v<A>]-<fingerprint>/`` and is loaded (and
 verified) when present, built otherwise. A second run with the same settings encodes nothing.
+
+Every image is encoded once per backbone and transform, whatever the shots, seeds and adapters: the encoder
+writes into feature *banks* (``bank-eval-*`` for the eval transform, ``bank-views-*`` for a set of A augmented
+views), append-only directories of chunk stores keyed by image id, and the per-run stores are assembled from
+them. The views of an image depend on (image, view index, augmentation), not on the run seed, so a support image
+drawn by two seeds is encoded once. Concurrent jobs serialise on file locks (``caches.locks``): a job waits for
+a store or bank chunk that another job is building instead of building it again.
 """
 
 from __future__ import annotations
@@ -24,10 +31,15 @@ from tqdm.auto import tqdm
 from caches.backbone import FrozenClip
 from caches.data.augment import AugmentSpec, augmented_view, eval_transform, view_generator
 from caches.data.pixels import PixelSplit
-from caches.data.records import ImageDataset, Sample
+from caches.data.records import ImageDataset, Sample, sample_stamp
+from caches.locks import file_lock
 from caches.store import KVStore, StoreError, fingerprint
 
 log = logging.getLogger(__name__)
+
+# Augmented views are drawn with this seed for every run (see the module docstring): view v of an image is the
+# same crop whichever seed drew the image, so it is encoded once.
+VIEW_SEED = 0
 
 
 def ids_digest(ids: Sequence[str]) -> str:
@@ -91,21 +103,70 @@ class CacheBuilder:
     def _get_or_build(self, path: Path, spec: dict[str, Any],
                       build: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> KVStore:
         fp = fingerprint(spec)
-        if path.exists():
+        if path.exists():  # the common, warm case needs no lock: stores are complete once they exist
             try:
-                store = KVStore.load(path, fp)
-                self.loaded.append(path.name)
-                log.info("cache hit %s", path)
-                return store
-            except StoreError as e:
-                # Never reuse a store that fails verification: rebuild it from scratch.
-                log.warning("discarding invalid store (%s); rebuilding", e)
-                shutil.rmtree(path)
-        log.info("building %s", path)
-        arrays, extra = build()
-        store = KVStore.write(path, spec, extra=extra, **arrays)
+                return self._loaded(KVStore.load(path, fp))
+            except StoreError:
+                pass
+        with file_lock(path.parent / f".{path.name}.lock", what=path.name):
+            if path.exists():  # built by another job while this one waited, or invalid
+                try:
+                    return self._loaded(KVStore.load(path, fp))
+                except StoreError as e:
+                    # Never reuse a store that fails verification: rebuild it from scratch.
+                    log.warning("discarding invalid store (%s); rebuilding", e)
+                    shutil.rmtree(path)
+            log.info("building %s", path)
+            arrays, extra = build()
+            store = KVStore.write(path, spec, extra=extra, **arrays)
         self.built.append(path.name)
         return store
+
+    def _loaded(self, store: KVStore) -> KVStore:
+        self.loaded.append(store.path.name)
+        log.info("cache hit %s", store.path)
+        return store
+
+    def banked(self, dataset: ImageDataset, samples: Sequence[Sample], bank: str, bank_spec: dict[str, Any],
+               to_views: Callable[[Any, Sample], torch.Tensor], n_views: int,
+               desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of ``samples`` from the feature bank ``bank``, encoding only the images it lacks.
+
+        Returns:
+            ``[V, N, D]`` float32 normalised features and ``[N]`` bool readable flags, in sample order.
+        """
+        bank_dir = self.store_path(dataset, f"bank-{bank}", bank_spec)
+        with file_lock(bank_dir.parent / f".{bank_dir.name}.lock", what=bank_dir.name):
+            rows: dict[str, tuple[torch.Tensor, bool]] = {}
+            for chunk in sorted(bank_dir.glob("chunk-*")) if bank_dir.is_dir() else []:
+                try:
+                    store = KVStore.load(chunk)
+                except StoreError as e:  # a damaged chunk: removed (under the lock), its images encoded again
+                    log.warning("removing damaged bank chunk (%s)", e)
+                    shutil.rmtree(chunk, ignore_errors=True)
+                    continue
+                feats = store.view_features() if n_views > 1 else store.keys()[None]
+                for i, r in enumerate(store.meta):
+                    rows[r["key"]] = (feats[:, i], r["readable"] == "1")
+            # Keyed by id, size and mtime: an image changed on disk is encoded again, never served stale.
+            keys = {s.id: sample_stamp(s) for s in samples}
+            missing = list({s.id: s for s in samples if keys[s.id] not in rows}.values())
+            if missing:
+                feats, ok = self.encode(dataset, missing, to_views, n_views, desc)
+                ids = [s.id for s in missing]
+                store = KVStore.write(
+                    bank_dir / f"chunk-{time.strftime('%Y%m%dT%H%M%S')}-{ids_digest(ids)}",
+                    {**bank_spec, "chunk": ids_digest(ids)},
+                    keys=(feats[0] if n_views == 1 else F.normalize(feats.mean(dim=0), dim=-1)) * ok[:, None],
+                    values=torch.tensor([s.label for s in missing], dtype=torch.int64),
+                    views=feats if n_views > 1 else None,
+                    meta=[{"key": keys[s.id], "readable": int(o)} for s, o in zip(missing, ok.tolist())])
+                for i, s in enumerate(missing):
+                    rows[keys[s.id]] = (feats[:, i], bool(ok[i]))
+        if not samples:
+            return torch.empty(n_views, 0, self.backbone.dim), torch.empty(0, dtype=torch.bool)
+        return (torch.stack([rows[keys[s.id]][0] for s in samples], dim=1).float(),
+                torch.tensor([rows[keys[s.id]][1] for s in samples], dtype=torch.bool))
 
     def encode(self, dataset: ImageDataset, samples: Sequence[Sample],
                to_views: Callable[[Any, Sample], torch.Tensor], n_views: int,
@@ -160,17 +221,21 @@ class CacheBuilder:
         spec = {
             "kind": "support", "split": "train", "backbone": self.backbone.describe(),
             "dataset": dataset.describe(), "ids": ids_digest(ids), "data": dataset.sample_digest(samples),
-            "shots": shots, "seed": seed, "views": views, "augmentation": aug.as_dict(),
+            "shots": shots, "seed": seed, "views": views, "view_seed": VIEW_SEED, "augmentation": aug.as_dict(),
         }
         path = self.store_path(dataset, f"support-train-k{shots}-s{seed}-v{views}", spec)
         image_spec = self.backbone.image_spec
 
         def to_views(img: Any, s: Sample) -> torch.Tensor:
-            return torch.stack([augmented_view(img, image_spec, aug, view_generator(seed, v, s.id))
+            return torch.stack([augmented_view(img, image_spec, aug, view_generator(VIEW_SEED, v, s.id))
                                 for v in range(views)])
 
+        bank_spec = {"kind": "views", "backbone": self.backbone.describe(), "dataset": dataset.describe(),
+                     "views": views, "view_seed": VIEW_SEED, "augmentation": aug.as_dict()}
+
         def build() -> tuple[dict[str, Any], dict[str, Any]]:
-            feats, ok = self.encode(dataset, samples, to_views, views, f"support {dataset.name} k={shots}")
+            feats, ok = self.banked(dataset, samples, f"views-v{views}", bank_spec, to_views, views,
+                                    f"support {dataset.name} k={shots}")
             if not bool(ok.all()):
                 bad = [s.id for s, o in zip(samples, ok.tolist()) if not o]
                 raise StoreError(f"support images became unreadable while encoding: {bad[:5]}")
@@ -194,8 +259,11 @@ class CacheBuilder:
         path = self.store_path(dataset, f"features-{split}", spec)
         tf = eval_transform(self.backbone.image_spec)
 
+        bank_spec = {"kind": "eval", "backbone": self.backbone.describe(), "dataset": dataset.describe(),
+                     "transform": "resize+center_crop"}
+
         def build() -> tuple[dict[str, Any], dict[str, Any]]:
-            feats, ok = self.encode(dataset, samples, lambda img, s: tf(img)[None], 1,
+            feats, ok = self.banked(dataset, samples, "eval", bank_spec, lambda img, s: tf(img)[None], 1,
                                     f"{split} {dataset.name}")
             skipped = [s.id for s, o in zip(samples, ok.tolist()) if not o]
             if skipped:

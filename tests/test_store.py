@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from caches.builder import CacheBuilder
+from caches.builder import VIEW_SEED, CacheBuilder
 from caches.data.augment import AugmentSpec, augmented_view, eval_transform, view_generator
 from caches.data.datasets import load_digits, load_folder
 from caches.data.fewshot import sample_fewshot, select
@@ -118,7 +123,7 @@ def test_builder_encodes_once_and_keys_are_view_means(tmp_path, tiny):
     assert s1.labels().tolist() == [s.label for s in samples]
     # each view equals encoding that augmented image directly
     img = ds.load_image(samples[5])
-    x = augmented_view(img, tiny.image_spec, AugmentSpec(), view_generator(1, 2, samples[5].id))
+    x = augmented_view(img, tiny.image_spec, AugmentSpec(), view_generator(VIEW_SEED, 2, samples[5].id))
     torch.testing.assert_close(views[2, 5], tiny.encode_images(x[None])[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(t1.keys(), tiny.text_head(ds.classnames, ds.templates))
 
@@ -133,6 +138,73 @@ def test_builder_encodes_once_and_keys_are_view_means(tmp_path, tiny):
     assert s3.path != s1.path and b2.encoded_images == len(samples) * 2
 
 
+def test_images_shared_by_runs_are_encoded_once(tmp_path, tiny):
+    """Other seeds and shot counts only encode the images no earlier run drew; the stores stay exact."""
+    ds = load_digits(T)
+    b = CacheBuilder(tiny, tmp_path, progress=False)
+    seen_train: set[str] = set()
+    seen_val: set[str] = set()
+    for shots, seed in ((2, 1), (4, 1), (2, 2), (4, 2)):
+        fs = sample_fewshot(ds, shots, seed=seed)
+        before = b.encoded_images
+        store = b.support(ds, select(ds, "train", fs.train), shots, seed, views=2)
+        b.features(ds, "val", select(ds, "val", fs.val))
+        new = (set(fs.train) - seen_train, set(fs.val) - seen_val)
+        assert b.encoded_images - before == 2 * len(new[0]) + len(new[1])
+        seen_train |= set(fs.train)
+        seen_val |= set(fs.val)
+        # the assembled store equals encoding its images here
+        samples = select(ds, "train", fs.train)
+        x = torch.stack([augmented_view(ds.load_image(s), tiny.image_spec, AugmentSpec(),
+                                        view_generator(VIEW_SEED, 1, s.id)) for s in samples])
+        torch.testing.assert_close(store.view_features()[1], tiny.encode_images(x), rtol=1e-4, atol=1e-5)
+    assert b.encoded_images == 2 * len(seen_train) + len(seen_val)
+
+
+def test_a_changed_image_is_encoded_again(tmp_path, tiny, class_folder):
+    ds = load_folder(str(class_folder), T)
+    samples = ds.splits["test"][:4]
+    b = CacheBuilder(tiny, tmp_path / "cache", progress=False)
+    first = b.features(ds, "test", samples).keys()
+    target = Path(samples[0].path)
+    Image.new("RGB", (24, 24), (255, 255, 255)).save(target)
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
+    encoded = b.encoded_images
+    second = b.features(ds, "test", samples).keys()
+    assert b.encoded_images == encoded + 1  # only the changed image
+    assert not torch.allclose(first[0], second[0]) and torch.equal(first[1:], second[1:])
+
+
+_BUILD = """
+import sys, time
+from caches.backbone import FrozenClip
+from caches.builder import CacheBuilder
+from caches.data.datasets import load_digits
+from caches.data.fewshot import sample_fewshot, select
+ds = load_digits({T})
+fs = sample_fewshot(ds, 4, seed=1)
+b = CacheBuilder(FrozenClip("fewclip-tiny", None, device="cpu"), sys.argv[1], batch_size=8, progress=False)
+orig = b.encode_pixels
+b.encode_pixels = lambda px: (time.sleep(0.05), orig(px))[1]  # slow enough for the jobs to overlap
+b.support(ds, select(ds, "train", fs.train), 4, 1, views=2)
+print(b.encoded_images)
+"""
+
+
+def test_concurrent_jobs_build_a_store_once(tmp_path):
+    """Two processes asking for the same store at once: one builds it, the other waits and loads it."""
+    script = tmp_path / "build.py"
+    script.write_text(_BUILD.replace("{T}", repr(T)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    counts = sorted(int(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert counts == [0, 4 * 10 * 2]  # 4 shots x 10 classes x 2 views, encoded by one job only
+    stores = list((tmp_path / "cache").glob("*/*/support-*"))
+    assert len(stores) == 1 and not list((tmp_path / "cache").glob("*/*/.support-*.tmp-*"))
+
+
 def test_builder_rebuilds_a_corrupt_store(tmp_path, tiny):
     ds = load_digits(T)
     samples = ds.splits["val"][:10]
@@ -141,7 +213,15 @@ def test_builder_rebuilds_a_corrupt_store(tmp_path, tiny):
     (Path(s.path) / "keys.faiss").write_bytes(b"garbage")
     b2 = CacheBuilder(tiny, tmp_path, progress=False)
     s2 = b2.features(ds, "val", samples)
-    assert b2.encoded_images == 10 and torch.equal(s2.keys(), s.keys())
+    # rebuilt from the feature bank: nothing to encode again
+    assert b2.built == [Path(s.path).name] and b2.encoded_images == 0 and torch.equal(s2.keys(), s.keys())
+    # a damaged bank chunk is ignored, and its images encoded again
+    (Path(s2.path) / "keys.faiss").write_bytes(b"garbage")
+    for chunk in Path(tmp_path).glob("*/*/bank-eval-*/chunk-*"):
+        (chunk / "keys.faiss").write_bytes(b"garbage")
+    b3 = CacheBuilder(tiny, tmp_path, progress=False)
+    s3 = b3.features(ds, "val", samples)
+    assert b3.encoded_images == 10 and torch.equal(s3.keys(), s.keys())
 
 
 def test_unreadable_test_images_are_skipped_and_counted(tmp_path, tiny, class_folder):

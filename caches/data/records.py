@@ -88,14 +88,7 @@ class ImageDataset:
         """Hash of ids, labels and (for files) sizes and modification times: changes when the data does."""
         h = hashlib.sha256()
         for s in samples:
-            h.update(f"{s.id}\t{s.label}".encode())
-            if s.path is not None:
-                try:
-                    st = os.stat(s.path)
-                    h.update(f"\t{st.st_size}\t{st.st_mtime_ns}".encode())
-                except OSError:
-                    h.update(b"\tmissing")
-            h.update(b"\n")
+            h.update(f"{sample_stamp(s)}\t{s.label}\n".encode())
         return h.hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
@@ -106,6 +99,17 @@ class ImageDataset:
             "n_classes": self.n_classes,
             "source": self.source,
         }
+
+
+def sample_stamp(s: Sample) -> str:
+    """The sample's id plus, for files, size and modification time: changes when the image does."""
+    if s.path is None:
+        return s.id
+    try:
+        st = os.stat(s.path)
+        return f"{s.id}\t{st.st_size}\t{st.st_mtime_ns}"
+    except OSError:
+        return f"{s.id}\tmissing"
 
 
 def classname_from_folder(folder: str) -> str:
