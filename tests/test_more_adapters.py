@@ -12,6 +12,7 @@ from conftest import synthetic_features
 
 from adapters.ape import APE, APET
 from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
+from adapters.clap import CLAP
 from adapters.gda import GDA
 from adapters.lp_pp import LPPlusPlus
 from adapters.tip import TipAdapter
@@ -229,8 +230,58 @@ def test_lp_pp_steps_match_a_hand_written_block_descent(task):
     torch.testing.assert_close(lp.alpha.detach(), a, rtol=1e-4, atol=1e-4)
 
 
+# ---------------------------------------------------------------------------------------------------- CLAP
+def test_clap_starts_at_zero_shot_with_multipliers_from_zero_shot_support_predictions(task):
+    support, text, _, test = task
+    clap = _setup(CLAP(), support, text)
+    torch.testing.assert_close(clap.prototypes.detach(), text)
+    torch.testing.assert_close(clap.predict(test.features), _setup(ZeroShot(), support, text).predict(test.features))
+    x = support.views.reshape(-1, D).double().numpy()
+    y = support.labels.repeat(3).numpy()
+    z = 100 * x @ text.double().numpy().T
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    expected = [p[y == c, c].mean() for c in range(C)]
+    np.testing.assert_allclose(clap.multipliers.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert float(clap.penalty().detach()) == 0.0 and set(clap.state_dict()) == {"prototypes"}
+
+
+def test_clap_penalty_is_the_class_weighted_distance_and_zs_lp_has_none(task):
+    support, text, _, _ = task
+    clap, zs_lp = _setup(CLAP(), support, text), _setup(CLAP(constraint="none"), support, text)
+    shift = torch.randn(C, D, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        clap.prototypes += shift
+        zs_lp.prototypes += shift
+    lam = clap.multipliers
+    expected = sum(float(lam[c]) * float((shift[c] ** 2).sum()) for c in range(C)) / C
+    assert float(clap.penalty().detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(zs_lp.penalty()) == 0.0
+    logits, labels = torch.randn(5, C, generator=torch.Generator().manual_seed(5)), torch.arange(5)
+    ce = float(F.cross_entropy(logits, labels))
+    assert float(clap.loss(logits, labels).detach()) == pytest.approx(ce + expected, rel=1e-5)
+    # the augmented-Lagrangian outer update: lambda <- max(0, lambda + rho h), rho <- h
+    h = (shift ** 2).sum(dim=-1)
+    clap.outer_step()
+    torch.testing.assert_close(clap.multipliers, lam)  # rho starts at 0
+    clap.outer_step()
+    torch.testing.assert_close(clap.multipliers, lam + h * h)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_clap_never_reads_the_validation_split(task, adaptive):
+    support, text, _, test = task
+    clap = _setup(CLAP(adaptive=adaptive, epochs=20, batch_size=16), support, text)
+    record = clap.fit(support, _Untouchable())
+    assert clap.tune(_Untouchable())["on"] == "none"
+    assert record["selected_by"] == "last" and record["val_acc"] == []
+    assert accuracy(clap.predict(test.features), test.labels) > _zero_shot_accuracy(support, text, test)
+
+
 # ---------------------------------------------------------------------------------------------------- learning
 TRAINABLE = {
+    "clap": lambda: CLAP(epochs=100, batch_size=16),
+    "zs_lp": lambda: CLAP(constraint="none", epochs=100, batch_size=16),
     "lp_pp": lambda: LPPlusPlus(epochs=100),
     "ape_t": lambda: APET(epochs=30, lr=0.01, batch_size=16, beta_steps=10, alpha_steps=10, alpha_max=20.0),
 }
