@@ -15,6 +15,7 @@ from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
 from adapters.clap import CLAP
 from adapters.gda import GDA
 from adapters.lp_pp import LPPlusPlus
+from adapters.taskres import TaskRes
 from adapters.tip import TipAdapter
 from adapters.tuning import grid_search
 from adapters.zero_shot import ZeroShot
@@ -278,8 +279,35 @@ def test_clap_never_reads_the_validation_split(task, adaptive):
     assert accuracy(clap.predict(test.features), test.labels) > _zero_shot_accuracy(support, text, test)
 
 
+# ---------------------------------------------------------------------------------------------------- TaskRes
+def test_taskres_zero_residual_is_zero_shot_and_the_residual_enters_scaled(task):
+    support, text, _, test = task
+    tr = _setup(TaskRes(residual_scale=0.5), support, text)
+    torch.testing.assert_close(tr.predict(test.features), _setup(ZeroShot(), support, text).predict(test.features))
+    assert set(tr.state_dict()) == {"residual"} and not tr.residual.detach().any()
+    x = torch.randn(C, D, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        tr.residual.copy_(x)
+    t = text.double().numpy() + 0.5 * x.double().numpy()
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    np.testing.assert_allclose(tr.predict(test.features).numpy(), 100 * test.features.double().numpy() @ t.T,
+                               rtol=1e-5, atol=1e-4)
+    logits, labels = torch.randn(4, C, generator=torch.Generator().manual_seed(7)), torch.arange(4)
+    expected = float(F.cross_entropy(logits, labels)) + 0.5 * 5e-4 * float((x ** 2).sum())
+    assert float(tr.loss(logits, labels).detach()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_taskres_epochs_follow_the_shots(task):
+    support, text, _, _ = task  # 8 shots
+    assert _setup(TaskRes(epochs=0), support, text).spec.epochs == 200
+    two = SupportSet(keys=support.keys[::4], labels=support.labels[::4])
+    assert _setup(TaskRes(epochs=0), two, text).spec.epochs == 100
+    assert _setup(TaskRes(epochs=7), support, text).spec.epochs == 7
+
+
 # ---------------------------------------------------------------------------------------------------- learning
 TRAINABLE = {
+    "taskres": lambda: TaskRes(epochs=100, lr=0.01, batch_size=16, residual_scale=1.0),
     "clap": lambda: CLAP(epochs=100, batch_size=16),
     "zs_lp": lambda: CLAP(constraint="none", epochs=100, batch_size=16),
     "lp_pp": lambda: LPPlusPlus(epochs=100),
