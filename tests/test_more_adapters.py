@@ -13,7 +13,9 @@ from conftest import synthetic_features
 from adapters.ape import APE, APET
 from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
 from adapters.clap import CLAP
+from adapters.coop import CoOp
 from adapters.gda import GDA
+from adapters.kgcoop import KgCoOp
 from adapters.lp_pp import LPPlusPlus
 from adapters.taskres import TaskRes
 from adapters.tip import TipAdapter
@@ -303,6 +305,76 @@ def test_taskres_epochs_follow_the_shots(task):
     two = SupportSet(keys=support.keys[::4], labels=support.labels[::4])
     assert _setup(TaskRes(epochs=0), two, text).spec.epochs == 100
     assert _setup(TaskRes(epochs=7), support, text).spec.epochs == 7
+
+
+# ---------------------------------------------------------------------------------------------------- KgCoOp
+NAMES = ["cat", "dog", "red fox", "car", "boat", "tree"]
+
+
+def _prompt_task(tiny):
+    """Image features near the embeddings of another template than the text head's (tests/test_prompts.py style)."""
+    target = tiny.text_head(NAMES, ["a sketch of the {}, drawn badly."])
+    g = torch.Generator().manual_seed(0)
+
+    def draw(n):
+        y = torch.arange(len(NAMES)).repeat_interleave(n)
+        return F.normalize(target[y] + 0.15 * torch.randn(len(y), target.shape[1], generator=g), dim=-1), y
+
+    (xs, ys), (xv, yv), (xt, yt) = draw(8), draw(4), draw(30)
+    views = F.normalize(xs[None] + 0.05 * torch.randn(2, *xs.shape, generator=g), dim=-1)
+    return SupportSet(keys=xs, labels=ys, views=views), FeatureSplit(xv, yv), FeatureSplit(xt, yt)
+
+
+def test_kgcoop_knowledge_term_is_zero_from_the_same_words_and_matches_a_hand_computation(tiny):
+    support, _, _ = _prompt_task(tiny)
+    photo = tiny.text_head(NAMES, ["a photo of a {}."])
+    kg = _setup(KgCoOp(), support, photo, backbone=tiny, names=NAMES).eval()
+    assert kg.context.shape[0] == 4 and kg.weight == 8.0
+    assert float(kg.knowledge_term().detach()) == pytest.approx(0.0, abs=1e-5)
+    # against another hand-crafted head: 8 (1 - mean_c cos), the learned prompts being "a photo of a {c}."
+    sketch = tiny.text_head(NAMES, ["a sketch of a {}."])
+    kg = _setup(KgCoOp(), support, sketch, backbone=tiny, names=NAMES).eval()
+    w = tiny.encode_texts([f"a photo of a {n}." for n in NAMES]).double().numpy()
+    t = sketch.double().numpy()
+    cos = (w * t).sum(axis=1) / np.linalg.norm(w, axis=1) / np.linalg.norm(t, axis=1)
+    term = float(kg.knowledge_term().detach())
+    assert term == pytest.approx(8.0 * (1 - cos.mean()), rel=1e-4, abs=1e-6)
+    assert term == pytest.approx(4.0 * ((w - t) ** 2).sum(axis=1).mean(), rel=1e-4, abs=1e-6)  # the paper's form / 2
+
+
+def test_kgcoop_loss_adds_the_term_to_cross_entropy_with_one_text_pass(tiny, monkeypatch):
+    support, _, _ = _prompt_task(tiny)
+    kg = _setup(KgCoOp(), support, tiny.text_head(NAMES, ["a sketch of a {}."]), backbone=tiny, names=NAMES)
+    kg.train()
+    calls = []
+    encode = kg.encode_text
+    monkeypatch.setattr(kg, "encode_text", lambda: calls.append(1) or encode())
+    logits = kg(support.keys[:5])
+    loss = kg.loss(logits, support.labels[:5])
+    assert len(calls) == 1  # the step's class embeddings are reused by the loss
+    expected = F.cross_entropy(logits, support.labels[:5]) + kg.knowledge_term(kg.class_text_features())
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert kg.context.grad is not None and kg.context.grad.abs().sum() > 0
+
+
+def test_kgcoop_learns_and_stays_nearer_the_handcrafted_prompts_than_coop(tiny):
+    support, val, test = _prompt_task(tiny)
+    head = tiny.text_head(NAMES, ["a photo of a {}."])
+    runs = {}
+    for name, make in (("kgcoop", lambda: KgCoOp(epochs=20, lr=0.02, batch_size=16)),
+                       ("coop", lambda: CoOp(ctx_init="a photo of a", epochs=20, lr=0.02, batch_size=16))):
+        adapter = _setup(make(), support, head, backbone=tiny, names=NAMES).eval()
+        before = accuracy(adapter.predict(test.features), test.labels)
+        record = adapter.fit(support, val)
+        runs[name] = (adapter, before, record)
+    kg, before, record = runs["kgcoop"]
+    assert record["train_loss"][-1] < record["train_loss"][0]
+    after = accuracy(kg.predict(test.features), test.labels)
+    assert after > 100 / len(NAMES) + 15 and after > before + 10
+    drift = {n: float(1 - F.cosine_similarity(a.eval().class_text_features().detach(), head).mean()) for n, (a, _, _) in
+             runs.items()}
+    assert drift["kgcoop"] < drift["coop"]
 
 
 # ---------------------------------------------------------------------------------------------------- learning
