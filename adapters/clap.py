@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet
-from adapters.gda import support_samples
-from adapters.tip import class_sum
+from adapters.gda import class_means, support_samples
 from adapters.training import TrainsOnFeatures, train, view_batches
 
 log = logging.getLogger(__name__)
@@ -86,9 +85,8 @@ class CLAP(TrainsOnFeatures, Adapter):
         x, y = x.to(self.text_head.device), y.to(self.text_head.device)
         n_cls = self.text_head.shape[0]
         probs = self.zero_shot_logits(x).softmax(dim=-1)
-        own = probs.gather(1, y[:, None]).squeeze(1)  # [M]
-        counts = torch.bincount(y, minlength=n_cls).clamp(min=1)
-        self.multipliers = class_sum(own[None], y, n_cls)[0] / counts
+        own = probs.gather(1, y[:, None])  # [M, 1]
+        self.multipliers = class_means(own, y, n_cls)[:, 0]
         self.penalty_weight = torch.zeros_like(self.multipliers)
 
     def distances(self) -> torch.Tensor:

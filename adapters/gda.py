@@ -57,26 +57,35 @@ def class_means(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.
     return sums / counts[:, None].to(x.dtype)
 
 
-def gda_classifier(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gda_classifier(x: torch.Tensor, labels: torch.Tensor, n_classes: int, chunk: int = 16384
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit the shared-covariance Gaussian model and return its linear classifier.
 
     Args:
-        x: ``[M, D]`` samples; labels: ``[M]``.
+        x: ``[M, D]`` samples; labels: ``[M]``; chunk: samples per float64 block.
     Returns:
         ``(W [C, D], b [C])`` float32, with ``W = mu Sigma^-1`` and ``b = log(1/C) - 1/2 diag(mu Sigma^-1 mu^T)``.
     """
-    # float64: the scatter of a few thousand unit vectors in 1024-D loses digits in float32.
-    x64 = x.double()
-    mu = class_means(x64, labels, n_classes)  # [C, D]
-    centred = x64 - mu[labels.to(x.device)]
-    n, d = centred.shape
-    scatter = centred.t() @ centred  # (N - 1) * sample covariance (each class is centred, so the global mean is 0)
+    # float64: the scatter of many unit vectors in 1024-D loses digits in float32. Accumulated block by block so
+    # ImageNet's 16 shots x 10 views x 1000 classes never exist as one float64 copy.
+    n, d = x.shape
+    labels = labels.to(x.device)
+    sums = x.new_zeros(n_classes, d, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        sums += class_sum(x[i : i + chunk].double().t(), labels[i : i + chunk], n_classes).t()
+    counts = torch.bincount(labels, minlength=n_classes).clamp(min=1)
+    mu = sums / counts[:, None].double()  # [C, D]
+    # (N - 1) * sample covariance of the class-centred samples (their global mean is 0)
+    scatter = x.new_zeros(d, d, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        centred = x[i : i + chunk].double() - mu[labels[i : i + chunk]]
+        scatter += centred.t() @ centred
     shrink = torch.trace(scatter) / max(n - 1, 1)  # tr(Sigma_hat)
-    regularised = scatter + shrink * torch.eye(d, dtype=x64.dtype, device=x.device)
+    regularised = scatter + shrink * torch.eye(d, dtype=torch.float64, device=x.device)
     # Sigma^-1 mu^T = D * regularised^-1 mu^T, by a solve rather than an explicit inverse.
     precision_mu = d * torch.linalg.solve(regularised, mu.t())  # [D, C]
     weight = precision_mu.t()  # mu Sigma^-1 (Sigma is symmetric)
-    log_prior = -torch.log(torch.tensor(float(n_classes), dtype=x64.dtype))
+    log_prior = -torch.log(torch.tensor(float(n_classes), dtype=torch.float64))
     bias = log_prior - 0.5 * (weight * mu).sum(dim=1)
     return weight.float(), bias.float()
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, evaluate
-from adapters.gda import support_samples
+from adapters.gda import class_means, support_samples
 from adapters.tip import class_sum
 from adapters.training import NonFiniteLossError
 
@@ -51,9 +51,8 @@ def lp_pp_init(x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, init_s
     n_cls, m = text.shape[0], x.shape[0]
     text_logits = x @ text.t()  # [M, C]
     weight = class_sum(x.t(), labels, n_cls).t()  # [C, D]
-    counts = torch.bincount(labels.to(x.device), minlength=n_cls).clamp(min=1)
-    own = text_logits.gather(1, labels[:, None].to(x.device)).squeeze(1)  # f_i . t_{y_i}
-    alpha = init_scale * float((class_sum(own[None], labels, n_cls)[0] / counts).mean())
+    own = text_logits.gather(1, labels[:, None].to(x.device))  # [M, 1]: f_i . t_{y_i}
+    alpha = init_scale * float(class_means(own, labels, n_cls).mean())
     lam_max = float(torch.linalg.eigvalsh((x.t() @ x).double())[-1])
     lr_w = 4.0 * m / lam_max
     lr_alpha = m / (4.0 * float((text_logits ** 2).sum(dim=0).max()))

@@ -14,7 +14,7 @@ from adapters.ape import APE, APET
 from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
 from adapters.clap import CLAP
 from adapters.coop import CoOp
-from adapters.gda import GDA
+from adapters.gda import GDA, gda_classifier
 from adapters.kgcoop import KgCoOp
 from adapters.lp_pp import LPPlusPlus
 from adapters.taskres import TaskRes
@@ -77,6 +77,9 @@ def test_gda_matches_numpy_class_means_and_shrunk_covariance(task):
     w, b = _numpy_gda(support.views.reshape(-1, D).double().numpy(), support.labels.repeat(3).numpy())
     np.testing.assert_allclose(gda.weight.numpy(), w, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(gda.bias.numpy(), b, rtol=1e-4, atol=1e-3)
+    # accumulated in blocks that do not divide the samples: the same classifier
+    w7, b7 = gda_classifier(support.views.reshape(-1, D), support.labels.repeat(3), C, chunk=7)
+    torch.testing.assert_close((w7, b7), (gda.weight, gda.bias))
     f = test.features.double().numpy()
     expected = 100 * f @ text.double().numpy().T + 0.7 * (f @ w.T + b)
     np.testing.assert_allclose(gda.predict(test.features).numpy(), expected, rtol=1e-4, atol=1e-2)
