@@ -133,6 +133,15 @@ class Adapter(nn.Module, ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` features (or ``[B, 3, S, S]`` pixels) -> ``[B, C]`` float32 logits."""
 
+    def new_class_state(self) -> dict[str, torch.Tensor] | None:
+        """What the fitted adapter carries to classes it has no shots of (base-to-novel evaluation).
+
+        None (the default) means the method cannot score unseen classes (caches and probes need shots of every
+        class). Methods whose learned state does not depend on the classes (prompt contexts, image-side
+        adapters) return the tensors to load into a fresh instance set up for the new classes.
+        """
+        return None
+
     def hparam_grid(self) -> dict[str, Sequence[Any]]:
         """Hyperparameters to search on val, as ``{attribute: values}`` (searched in row-major order)."""
         return {}

@@ -5,6 +5,8 @@
     fewclip demo [--out DIR] [OVERRIDES...]
                                       every adapter on the embedded digits set with the tiny backbone,
                                       then a comparison table
+    fewclip report DIR... [--out DIR] [--format md,csv,latex] [--plot FILE] [--compare published]
+                                      tables (mean +- std over seeds) and plots from result.json files
     fewclip data check dataset=NAME [--no-open] [OVERRIDES...]
                                       validate a local copy of a dataset (files, split file, counts,
                                       unreadable images); exit code 1 when something is wrong
@@ -13,8 +15,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,29 +43,54 @@ def user_error(e: BaseException) -> BaseException | None:
 
 def _run_hydra(overrides: list[str]) -> int:
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
 
+    from adapters import sweep
     from adapters.config import conf_dir, register_schema
     from adapters.runner import run
 
     register_schema()
+    sweep.last_summary = None
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def job(cfg: DictConfig) -> None:
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        out = Path(hc.runtime.output_dir)
+        label = f"{cfg.dataset.name} {hc.runtime.choices.adapter} {cfg.backbone.name} k={cfg.shots} seed={cfg.seed}"
+        t = time.perf_counter()
         try:
             res = run(cfg)
         except Exception as e:
-            if (err := user_error(e)) is None:
-                raise
-            log.error("%s", err)
-            raise SystemExit(2) from None
-        sys.stdout.write(
-            f"{res['dataset']} {res['adapter']} {res['backbone']} k={res['shots']} seed={res['seed']}: "
-            f"val {res['val_acc']:.2f}%  test {res['test_acc']:.2f}%  hparams {_fmt_hparams(res['hparams'])}\n"
-        )
+            err = user_error(e)
+            log_file = out / f"{hc.job.name}.log"
+            # The whole traceback goes to the job's log file and error.json; the console gets one line.
+            path = sweep.record_failure(out, e, log_file)
+            with open(log_file, "a") as f:
+                f.write(json.loads(path.read_text())["traceback"])
+            if not multirun:
+                if err is None:
+                    raise
+                log.error("%s", err)
+                raise SystemExit(2) from None
+            log.error("%s failed: %s (%s)", label, err or f"{type(e).__name__}: {e}", out / sweep.ERROR_FILE)
+            sweep.job_progress(hc.job.num, f"{label}: FAILED after {time.perf_counter() - t:.1f} s")
+            return
+        sweep.clear_failure(out)
+        line = (f"{label}: val {res['val_acc']:.2f}%  test {res['test_acc']:.2f}%  "
+                f"hparams {_fmt_hparams(res['hparams'])}")
+        if multirun:
+            status = "already done, skipped" if res.get("resumed") else f"{time.perf_counter() - t:.1f} s"
+            sweep.job_progress(hc.job.num, f"{line}  ({status})")
+        else:
+            sys.stdout.write(line + "\n")
 
     sys.argv = ["fewclip run", *overrides]
     job()
+    if sweep.last_summary is not None and sweep.last_summary["failed"]:
+        return 1
     return 0
 
 
@@ -202,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_hydra(rest)
     if cmd == "demo":
         return demo(rest)
+    if cmd == "report":
+        from adapters.report import main as report_main
+
+        return report_main(rest)
     if cmd == "data" and rest[:1] == ["check"]:
         return data_check(rest[1:])
     sys.stderr.write(f"fewclip: unknown command '{cmd}'\n{USAGE}")

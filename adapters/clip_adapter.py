@@ -56,6 +56,9 @@ class ClipAdapter(TrainsOnFeatures, Adapter):
                 layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
         self.mlp = nn.Sequential(first, nn.ReLU(), second, nn.ReLU()).to(ctx.device)
 
+    def new_class_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict())  # the MLP acts on image features: it applies to any class
+
     def hparam_grid(self) -> dict[str, list[float]]:
         return {"ratio": self.ratio_grid} if self.search else {}
 

@@ -42,6 +42,9 @@ class RunConfig:
     num_workers: int | None = None
     device: str = "auto"
     progress: bool = True
+    resume: bool = True  # skip the job when its output directory holds a result.json of the same config
+    novel: bool = True  # with dataset.subsample=base, also score the fitted adapter on the new classes
+    sweep_name: str = "default"  # sweeps write to outputs/sweeps/<sweep_name>/ (set by conf/sweep/*.yaml)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

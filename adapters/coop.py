@@ -139,6 +139,10 @@ class CoOp(TrainsOnFeatures, Adapter):
         """``[C, D]`` normalised features of the current prompts (prompt learners with deep prompts extend it)."""
         return self.ctx.backbone.encode_prompt_embeddings(self.prompt_embeddings(self.context), self.meta_tokens)
 
+    def new_class_state(self) -> dict[str, torch.Tensor] | None:
+        # A shared context transfers to any class name (CoOp's base-to-novel setting); one per class cannot.
+        return None if self.csc else dict(self.state_dict())
+
     def train(self, mode: bool = True) -> CoOp:
         self._text_cache = None  # parameters may change: recompute the class embeddings
         return super().train(mode)

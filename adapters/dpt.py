@@ -109,6 +109,10 @@ class DPT(CoOpPixels):
             self.cavpt = nn.ModuleList([_ClassAwarePrompts(d, width, ctx.n_classes, gen)
                                         for _ in range(self.cavpt_layers)]).to(ctx.device)
 
+    def new_class_state(self) -> dict[str, torch.Tensor]:
+        # The auxiliary CAVPT classifiers score the training classes only; they play no part in prediction.
+        return {k: v for k, v in self.state_dict().items() if ".classifier." not in k}
+
     # ------------------------------------------------------------------ training hooks
     def param_groups(self) -> list[dict[str, Any]]:
         visual = [p for n, p in self.named_parameters() if p.requires_grad and n != "context"]

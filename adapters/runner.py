@@ -160,6 +160,59 @@ def evaluate_target(cfg: DictConfig, name: str, source: Any, adapter: Adapter, b
             "cache": describe_stores(stores)["test"] if stores else None}
 
 
+# Settings that change how a job runs, not what it computes: a finished job is not re-run when only these differ.
+RESUME_IGNORES = ("progress", "num_workers", "resume")
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RESUME_IGNORES}
+
+
+def finished_result(out: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``result.json`` in ``out`` when it was written for the same resolved config, else None."""
+    path = out / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    current = OmegaConf.to_container(cfg, resolve=True)
+    if _comparable(saved.get("config", {})) != _comparable(current):
+        log.info("%s holds a result of another config: running again", path)
+        return None
+    return saved
+
+
+def evaluate_novel(cfg: DictConfig, base: Any, adapter: Adapter, builder: CacheBuilder,
+                   base_ctx: AdapterContext) -> dict[str, Any]:
+    """Base-to-novel: score the adapter fitted on the base classes on the new classes' test images, once.
+
+    The new classes get their own text head; what the adapter learned moves over through
+    ``Adapter.new_class_state`` (methods that need shots of every class report ``None``).
+    """
+    state = adapter.new_class_state()
+    if state is None:
+        return {"test_acc": None, "reason": f"{type(adapter).__name__} needs shots of every class it scores"}
+    node = OmegaConf.to_container(cfg.dataset, resolve=True)
+    novel_ds = instantiate_node(OmegaConf.create({**node, "subsample": "new"}))
+    stores = {"text": builder.text(novel_ds)}
+    empty = SupportSet(keys=torch.empty(0, base_ctx.support.keys.shape[1]), labels=torch.empty(0, dtype=torch.long))
+    ctx = AdapterContext(classnames=list(novel_ds.classnames), text_head=stores["text"].keys(), support=empty,
+                         logit_scale=base_ctx.logit_scale, backbone=base_ctx.backbone, device=base_ctx.device,
+                         seed=base_ctx.seed, progress=base_ctx.progress)
+    novel: Adapter = instantiate(cfg.adapter)
+    novel.setup(ctx)
+    novel.load_state_dict(state, strict=False)
+    for k, v in adapter.hparams().items():
+        setattr(novel, k, v)
+    split, _ = eval_split(builder, novel_ds, novel_ds.splits["test"], adapter.input_kind == "pixels", stores,
+                          "test")
+    logits, labels = predict_split(novel, split)
+    return {"test_acc": accuracy(logits, labels), "n_test": len(labels), "n_classes": novel_ds.n_classes,
+            "cache": describe_stores(stores)}
+
+
 def eval_split(builder: CacheBuilder, dataset: Any, samples: list, pixel_mode: bool, stores: dict[str, KVStore],
                key: str) -> tuple[Any, int]:
     """An evaluation split as cached features (stored in ``stores[key]``) or, for pixel adapters, as pixels.
@@ -181,6 +234,9 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         out_dir = HydraConfig.get().runtime.output_dir
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("resume", True) and (done := finished_result(out, cfg)) is not None:
+        log.info("skipping %s: result.json of the same config exists (resume=false runs it again)", out)
+        return {**done, "resumed": True}
     names = {g: _choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
     timings: dict[str, float] = {}
 
@@ -231,6 +287,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     test_acc = accuracy(logits, test_labels)
     timings["eval"] = time.perf_counter() - t
     targets = {name: evaluate_target(cfg, name, dataset, adapter, builder) for name in cfg.get("targets", [])}
+    novel = evaluate_novel(cfg, dataset, adapter, builder, ctx) if dataset.source.get("subsample") == "base" \
+        and cfg.get("novel", True) else None
     timings["encode"] = builder.encode_seconds
     timings["total"] = time.perf_counter() - t_start
 
@@ -248,12 +306,14 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         "val_acc": val_acc,
         "test_acc": test_acc,
         "targets": targets,
+        **({"novel": novel} if novel is not None else {}),
         "hparams": adapter.hparams(),
         "adapter_state": state_file,
         "selection": {**selection, "fit": fit_record, "val_images_per_class": min(int(cfg.shots), 4)},
         "protocol": {"templates": dataset.templates, "split_source": dataset.source.get("split_source"),
                      "val_shots": min(int(cfg.shots), 4), "views": int(cfg.views),
-                     "backbone_weights": backbone.weights_id},
+                     "backbone_weights": backbone.weights_id, "selection": "val",
+                     "subsample": dataset.source.get("subsample", "all")},
         "cache": describe_stores(stores),
         "cache_activity": {"built": builder.built, "loaded": builder.loaded,
                            "encoded_images": builder.encoded_images},

@@ -13,3 +13,6 @@ class ZeroShot(Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D] -> [B, C]``."""
         return self.zero_shot_logits(x)
+
+    def new_class_state(self) -> dict[str, torch.Tensor]:
+        return {}  # nothing learned: zero-shot CLIP scores any class
