@@ -240,8 +240,12 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     names = {g: _choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
     timings: dict[str, float] = {}
 
+    t = time.perf_counter()
     backbone = instantiate_node(cfg.backbone)
+    timings["backbone"] = time.perf_counter() - t
+    t = time.perf_counter()
     dataset = instantiate_node(cfg.dataset)
+    timings["dataset"] = time.perf_counter() - t
     if not dataset.splits["train"]:
         raise DatasetError(f"dataset {dataset.name} is evaluation-only (no train split): fit on its parent and "
                            f"pass targets=[{dataset.name}]")

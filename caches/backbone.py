@@ -433,6 +433,9 @@ class FrozenClip:
         return F.normalize(feats.mean(dim=1), dim=-1)
 
 
+_LOADED: dict[tuple, FrozenClip] = {}
+
+
 def load_backbone(
     model: str,
     pretrained: str | None = None,
@@ -441,8 +444,24 @@ def load_backbone(
     device: str = "auto",
     weights_cache_dir: str | None = None,
 ) -> FrozenClip:
-    """Hydra entry point for ``conf/backbone/*.yaml``."""
-    log.info("loading backbone model=%s pretrained=%s", model, pretrained)
-    return FrozenClip(model, pretrained, name=name, seed=seed, device=device,
-                      weights_cache_dir=weights_cache_dir)
+    """Hydra entry point for ``conf/backbone/*.yaml``.
 
+    The last backbone loaded is kept for the next call with the same arguments: the jobs of a sequential sweep
+    run in one process and would otherwise reload the weights (seconds for ViT-B/16) for every job. Sharing is
+    safe because a ``FrozenClip`` never changes (no gradients, always in eval mode; prompt learners keep their
+    prompts outside it). A local weights file is keyed by its size and modification time too.
+    """
+    stamp = None
+    if pretrained is not None and os.path.isfile(pretrained):
+        st = os.stat(pretrained)
+        stamp = (st.st_size, st.st_mtime_ns)
+    key = (model, pretrained, stamp, name, seed, device, weights_cache_dir)
+    if key in _LOADED:
+        log.info("reusing the loaded backbone model=%s pretrained=%s", model, pretrained)
+        return _LOADED[key]
+    log.info("loading backbone model=%s pretrained=%s", model, pretrained)
+    backbone = FrozenClip(model, pretrained, name=name, seed=seed, device=device,
+                          weights_cache_dir=weights_cache_dir)
+    _LOADED.clear()  # one model at a time: a sweep over backbones must not keep them all in memory
+    _LOADED[key] = backbone
+    return backbone
