@@ -59,10 +59,7 @@ class CoOp(TrainsOnFeatures, Adapter):
         if ctx.backbone is None:
             raise ValueError("CoOp needs the backbone's text encoder (AdapterContext.backbone)")
         bb = ctx.backbone
-        if self.spec.epochs == 0:
-            shots = max(1, len(ctx.support) // max(1, ctx.n_classes))
-            self.spec.epochs = self.epochs_by_shots.get(shots) or self.epochs_by_shots[
-                min(self.epochs_by_shots, key=lambda k: abs(k - shots))]
+        self.epochs_by_shots_budget(ctx, self.epochs_by_shots)
         gen = torch.Generator().manual_seed(ctx.seed)
         if self.ctx_init:
             init_tokens, init_embeds = bb.token_embeddings([self.ctx_init])

@@ -67,8 +67,8 @@ DATASET_ALIASES = {"imagenet_ens": "imagenet"}
 BACKBONE_NAMES = {"rn50": "RN50", "vit_b16": "ViT-B/16", "vit_b32": "ViT-B/32"}
 """fewclip backbone config names -> the names papers use (and ``published.csv`` holds)."""
 
-ADAPTER_ORDER = ("zero_shot", "linear_probe", "coop", "cocoop", "kgcoop", "maple", "clip_adapter", "tip", "tip_f",
-                 "ape", "ape_t", "gda")
+ADAPTER_ORDER = ("zero_shot", "linear_probe", "lp_pp", "clap", "coop", "coop_pixels", "cocoop", "kgcoop", "maple",
+                 "dpt", "clip_adapter", "taskres", "tip", "tip_f", "ape", "ape_t", "gda", "auto")
 
 FORMATS = ("md", "csv", "latex")
 

@@ -35,11 +35,6 @@ from adapters.training import TrainsOnFeatures
 EPOCHS_BY_SHOTS = {1: 100, 2: 100, 4: 100, 8: 200, 16: 200}
 
 
-def epochs_for_shots(table: Mapping[int, int], shots: int) -> int:
-    """The epoch budget of ``table`` for ``shots`` (the nearest listed shot count when it is not listed)."""
-    return table.get(shots) or table[min(table, key=lambda k: abs(k - shots))]
-
-
 class TaskRes(TrainsOnFeatures, Adapter):
     """Learned residual on the text classifier.
 
@@ -60,9 +55,7 @@ class TaskRes(TrainsOnFeatures, Adapter):
 
     def setup(self, ctx: AdapterContext) -> None:
         super().setup(ctx)
-        if self.spec.epochs == 0:
-            shots = max(1, len(ctx.support) // max(1, ctx.n_classes))
-            self.spec.epochs = epochs_for_shots(self.epochs_by_shots, shots)
+        self.epochs_by_shots_budget(ctx, self.epochs_by_shots)
         self.residual = nn.Parameter(torch.zeros_like(self.text_head))
 
     def classifier(self) -> torch.Tensor:

@@ -219,6 +219,12 @@ class TrainsOnFeatures:
         if rest:
             raise TypeError(f"{type(self).__name__}: unknown hyperparameters {sorted(rest)}")
 
+    def epochs_by_shots_budget(self, ctx: Any, table: dict[int, int]) -> None:
+        """``epochs: 0`` in the YAML: take the method's budget for the number of shots (nearest listed count)."""
+        if self.spec.epochs == 0:
+            shots = max(1, len(ctx.support) // max(1, ctx.n_classes))
+            self.spec.epochs = table.get(shots) or table[min(table, key=lambda k: abs(k - shots))]
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``[B, C], [B] -> scalar``: cross-entropy unless a method adds terms."""
         return F.cross_entropy(logits, labels)
