@@ -197,3 +197,39 @@ def test_every_adapter_runs_on_a_folder_dataset(tmp_path, class_folder, adapter)
     assert saved["adapter"] == adapter and saved["n_classes"] == 3 and saved["n_support"] == 6
     assert 0 <= saved["test_acc"] <= 100 and saved["test_acc"] == res["test_acc"]
     assert saved["n_test"] > 0 and "test" not in saved["selection"]
+
+
+def test_base_to_novel_scores_the_new_classes_with_what_was_learned_on_the_base_ones(tmp_path):
+    from safetensors.torch import load_file
+
+    from adapters.base import AdapterContext, SupportSet, accuracy
+    from adapters.coop import CoOp
+
+    common = ["dataset.subsample=base", "shots=2", "views=2"]
+    res = run(_cfg(tmp_path, "adapter=coop", "adapter.epochs=3", *common), out_dir=tmp_path / "coop")
+    assert res["n_classes"] == 5 and res["protocol"]["subsample"] == "base"
+    novel = res["novel"]
+    assert novel["n_classes"] == 5 and novel["n_test"] > 0
+    # recompute: the learned context, spliced with the new class names, on the new classes' test features
+    stores = {k: KVStore.load(v["path"]) for k, v in novel["cache"].items()}
+    names = [r["classname"] for r in stores["text"].meta]
+    assert names == ["five", "six", "seven", "eight", "nine"]
+    coop = CoOp(n_ctx=16)
+    from adapters.runner import instantiate_node
+
+    backbone = instantiate_node(_cfg(tmp_path).backbone)
+    coop.setup(AdapterContext(classnames=names, text_head=stores["text"].keys(), backbone=backbone, progress=False,
+                              support=SupportSet(keys=torch.empty(0, backbone.dim), labels=torch.empty(0).long())))
+    coop.load_state_dict(load_file(str(tmp_path / "coop" / res["adapter_state"])))
+    x, y = stores["test"].keys(), stores["test"].labels()
+    assert novel["test_acc"] == pytest.approx(accuracy(coop.predict(x), y))
+    assert set(y.tolist()) == set(range(5))  # relabelled 0..4 among the new classes
+
+    zs = run(_cfg(tmp_path, "adapter=zero_shot", *common), out_dir=tmp_path / "zs")
+    zs_stores = {k: KVStore.load(v["path"]) for k, v in zs["novel"]["cache"].items()}
+    expected = accuracy(zs_stores["test"].keys() @ zs_stores["text"].keys().t(), zs_stores["test"].labels())
+    assert zs["novel"]["test_acc"] == pytest.approx(expected)
+
+    tip = run(_cfg(tmp_path, "adapter=tip", "adapter.beta_steps=4", "adapter.alpha_steps=4", *common),
+              out_dir=tmp_path / "tip")
+    assert tip["novel"]["test_acc"] is None and "shots of every class" in tip["novel"]["reason"]
