@@ -856,8 +856,8 @@ def plot(df: pd.DataFrame, path: str | Path, shots: Sequence[int] | None = None,
                 if lab not in labels:
                     handles.append(h)
                     labels.append(lab)
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-        fig.suptitle(g.key, fontsize=9)
+        fig.legend(handles, labels, loc="outside right center", fontsize=8)
+        fig.suptitle(g.key.replace("|", "  "), fontsize=8)
         target = path if i == 0 else path.with_name(f"{path.stem}_p{i + 1}{path.suffix}")
         target.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(target, dpi=120, format="png")
