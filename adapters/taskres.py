@@ -13,8 +13,7 @@ shots and 200 for 8-16 (``epochs: 0`` picks that by the number of shots). The re
 
 Optimiser: the reference uses Dassl's Adam with its default L2 weight decay 5e-4 (coupled: ``wd * x`` is added to
 the gradient). The shared loop offers AdamW, identical to Adam without weight decay, so the decay enters the loss
-here as ``wd / 2 ||x||^2``, whose gradient is exactly that coupled term. Dassl's Adam uses beta2 = 0.99; the shared
-loop's AdamW keeps PyTorch's 0.999.
+here as ``wd / 2 ||x||^2``, whose gradient is exactly that coupled term, with Dassl's betas (0.9, 0.99).
 
 Scale: the reference adds the residual to CLIP's raw, unnormalised text embeddings; the text head adapters receive
 is unit-norm, so a residual of the same size moves each class embedding further here (by the raw norm's factor).

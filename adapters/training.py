@@ -45,6 +45,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     momentum: float = 0.9  # SGD only
     eps: float = 1e-8  # AdamW only
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only (Dassl's Adam: 0.9, 0.99)
     schedule: str = "cosine"  # cosine | constant
     warmup_epochs: int = 0  # constant warmup_lr for these epochs, then the schedule (CoOp)
     warmup_lr: float = 1e-5
@@ -57,6 +58,7 @@ class TrainSpec:
         """Split an adapter's keyword arguments into a spec and the rest."""
         names = {f.name for f in fields(cls)}
         spec = cls(**{k: v for k, v in kwargs.items() if k in names})
+        spec.betas = (float(spec.betas[0]), float(spec.betas[1]))  # YAML gives a list (Hydra: a ListConfig)
         if spec.optimizer not in ("adamw", "sgd") or spec.schedule not in ("cosine", "constant") or \
                 spec.select not in ("best_val", "last"):
             raise ValueError(f"bad training spec {spec}")
@@ -132,7 +134,8 @@ def train(
     if spec.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     else:
-        opt = torch.optim.AdamW(groups, lr=spec.lr, eps=spec.eps, weight_decay=spec.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=spec.lr, eps=spec.eps, betas=tuple(spec.betas),
+                                weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     steps = max(1, steps_per_epoch or sum(1 for _ in batches(0, torch.Generator().manual_seed(seed))))
     sched = torch.optim.lr_scheduler.LambdaLR(
