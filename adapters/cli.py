@@ -5,6 +5,13 @@
     fewclip demo [--out DIR] [OVERRIDES...]
                                       every adapter on the embedded digits set with the tiny backbone,
                                       then a comparison table
+    fewclip fit [OVERRIDES...] [out=DIR]
+                                      fit one adapter on your data and write a self-contained artifact
+                                      (state, text head, support store, backbone identity, val/test figures)
+    fewclip predict ARTIFACT IMAGES... [--out preds.csv] [--topk 5]
+                                      classify image files, folders or a CSV of paths with an artifact
+    fewclip add-class ARTIFACT NAME [IMAGES...]
+                                      add a class to an artifact without refitting (where the method allows)
     fewclip report DIR... [--out DIR] [--format md,csv,latex] [--plot FILE] [--compare published]
                                       tables (mean +- std over seeds) and plots from result.json files
     fewclip data check dataset=NAME [--no-open] [OVERRIDES...]
@@ -231,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run_hydra(rest)
     if cmd == "demo":
         return demo(rest)
+    if cmd in ("fit", "predict", "add-class"):
+        from adapters import artifact
+
+        entry = {"fit": artifact.fit_main, "predict": artifact.predict_main, "add-class": artifact.add_class_main}
+        return entry[cmd](rest)
     if cmd == "report":
         from adapters.report import main as report_main
 
