@@ -6,6 +6,7 @@ Hydra's ``_target_``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,19 @@ def _check_fractions(fractions: Sequence[float]) -> list[float]:
     return fr
 
 
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``([N, 8, 8] uint8, [N] int)``, read once per process (parsing sklearn's file takes 0.2 s per sweep job)."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    # Grey levels run 0..16; stretch to 0..255 so the images look like ordinary photographs to the encoder.
+    images = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    labels = bunch.target.astype(int)
+    images.flags.writeable = labels.flags.writeable = False  # shared by every dataset object of the process
+    return images, labels
+
+
 def load_digits(
     templates: Sequence[str],
     fractions: Sequence[float] = (0.5, 0.2, 0.3),
@@ -64,12 +78,8 @@ def load_digits(
 ) -> DigitsDataset:
     """The embedded demo set, split train/val/test by a seeded stratified split."""
     import sklearn
-    from sklearn.datasets import load_digits as sk_digits
 
-    bunch = sk_digits()
-    # Grey levels run 0..16; stretch to 0..255 so the images look like ordinary photographs to the encoder.
-    images = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    labels = bunch.target.astype(int)
+    images, labels = _digits_arrays()
     parts = stratified_split(labels, _check_fractions(fractions), split_seed)
     splits = {
         split: [Sample(id=f"digits/{i}", label=int(labels[i])) for i in part]
