@@ -65,3 +65,38 @@ def synthetic_features(n_classes: int, per_class: int, dim: int, noise: float, s
     labels = torch.arange(n_classes).repeat_interleave(per_class)
     x = means[labels] + noise * torch.randn(len(labels), dim, generator=g)
     return torch.nn.functional.normalize(x, dim=-1), labels, means
+
+
+def feature_task(n_classes: int, dim: int):
+    """Seeded synthetic task: separable classes, a weakly informative text head, 3 views per shot.
+
+    Returns ``(support, text [C, D], val, test)``: 8 shots, 4 val and 30 test images per class.
+    """
+    from adapters.base import FeatureSplit, SupportSet
+
+    keys, labels, means = synthetic_features(n_classes, 8, dim, noise=0.2, seed=0)
+    g = torch.Generator().manual_seed(1)
+    views = torch.nn.functional.normalize(keys[None] + 0.2 * torch.randn(3, *keys.shape, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(means + 0.8 * torch.randn(n_classes, dim, generator=g), dim=-1)
+    val = FeatureSplit(*synthetic_features(n_classes, 4, dim, noise=0.2, seed=2, means=means)[:2])
+    test = FeatureSplit(*synthetic_features(n_classes, 30, dim, noise=0.2, seed=3, means=means)[:2])
+    support = SupportSet(keys=torch.nn.functional.normalize(views.mean(0), dim=-1), labels=labels, views=views)
+    return support, text, val, test
+
+
+def prompt_task(backbone, names: list[str]):
+    """Image features near the embeddings of another template than the text head's: a prompt learner must move
+    its context toward it. Returns ``(support, val, test)`` (8 / 4 / 30 per class)."""
+    from adapters.base import FeatureSplit, SupportSet
+
+    target = backbone.text_head(names, ["a sketch of the {}, drawn badly."])
+    g = torch.Generator().manual_seed(0)
+
+    def draw(n):
+        y = torch.arange(len(names)).repeat_interleave(n)
+        x = target[y] + 0.15 * torch.randn(len(y), target.shape[1], generator=g)
+        return torch.nn.functional.normalize(x, dim=-1), y
+
+    (xs, ys), (xv, yv), (xt, yt) = draw(8), draw(4), draw(30)
+    views = torch.nn.functional.normalize(xs[None] + 0.05 * torch.randn(2, *xs.shape, generator=g), dim=-1)
+    return SupportSet(keys=xs, labels=ys, views=views), FeatureSplit(xv, yv), FeatureSplit(xt, yt)

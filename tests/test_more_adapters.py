@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import synthetic_features
+from conftest import feature_task, prompt_task
 
 from adapters.ape import APE, APET
-from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
+from adapters.base import AdapterContext, SupportSet, accuracy
 from adapters.clap import CLAP
 from adapters.coop import CoOp
 from adapters.gda import GDA, gda_classifier
@@ -27,15 +27,7 @@ C, D = 6, 16
 
 @pytest.fixture(scope="module")
 def task():
-    """Seeded synthetic task: separable classes, a weakly informative text head, 3 views per shot."""
-    keys, labels, means = synthetic_features(C, 8, D, noise=0.2, seed=0)
-    g = torch.Generator().manual_seed(1)
-    views = F.normalize(keys[None] + 0.2 * torch.randn(3, *keys.shape, generator=g), dim=-1)
-    text = F.normalize(means + 0.8 * torch.randn(C, D, generator=g), dim=-1)  # weakly informative, like CLIP
-    val = FeatureSplit(*synthetic_features(C, 4, D, noise=0.2, seed=2, means=means)[:2])
-    test = FeatureSplit(*synthetic_features(C, 30, D, noise=0.2, seed=3, means=means)[:2])
-    support = SupportSet(keys=F.normalize(views.mean(0), dim=-1), labels=labels, views=views)
-    return support, text, val, test
+    return feature_task(C, D)
 
 
 def _setup(adapter, support, text, seed=1, backbone=None, names=None):
@@ -315,17 +307,7 @@ NAMES = ["cat", "dog", "red fox", "car", "boat", "tree"]
 
 
 def _prompt_task(tiny):
-    """Image features near the embeddings of another template than the text head's (tests/test_prompts.py style)."""
-    target = tiny.text_head(NAMES, ["a sketch of the {}, drawn badly."])
-    g = torch.Generator().manual_seed(0)
-
-    def draw(n):
-        y = torch.arange(len(NAMES)).repeat_interleave(n)
-        return F.normalize(target[y] + 0.15 * torch.randn(len(y), target.shape[1], generator=g), dim=-1), y
-
-    (xs, ys), (xv, yv), (xt, yt) = draw(8), draw(4), draw(30)
-    views = F.normalize(xs[None] + 0.05 * torch.randn(2, *xs.shape, generator=g), dim=-1)
-    return SupportSet(keys=xs, labels=ys, views=views), FeatureSplit(xv, yv), FeatureSplit(xt, yt)
+    return prompt_task(tiny, NAMES)
 
 
 def test_kgcoop_knowledge_term_is_zero_from_the_same_words_and_matches_a_hand_computation(tiny):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import prompt_task
 
-from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
+from adapters.base import AdapterContext, SupportSet, accuracy
 from adapters.cocoop import CoCoOp
 from adapters.coop import CoOp
 from adapters.zero_shot import ZeroShot
@@ -73,19 +74,10 @@ def test_cocoop_with_a_silent_meta_net_is_coop(tiny):
 ], ids=["coop", "cocoop"])
 def test_prompt_learners_learn_a_synthetic_task(tiny, make):
     # Image features sit near the embeddings of another template: the learned context must move toward it.
-    target = tiny.text_head(NAMES, ["a sketch of the {}, drawn badly."])
-    g = torch.Generator().manual_seed(0)
-
-    def draw(n):
-        y = torch.arange(len(NAMES)).repeat_interleave(n)
-        return F.normalize(target[y] + 0.15 * torch.randn(len(y), target.shape[1], generator=g), dim=-1), y
-
-    (xs, ys), (xv, yv), (xt, yt) = draw(8), draw(4), draw(30)
-    views = F.normalize(xs[None] + 0.05 * torch.randn(2, *xs.shape, generator=g), dim=-1)
-    support = SupportSet(keys=xs, labels=ys, views=views)
+    support, val, test = prompt_task(tiny, NAMES)
     adapter = _setup(make(), tiny, support)
-    before = accuracy(adapter.predict(xt), yt)
-    record = adapter.fit(support, FeatureSplit(xv, yv))
-    after = accuracy(adapter.predict(xt), yt)
+    before = accuracy(adapter.predict(test.features), test.labels)
+    record = adapter.fit(support, val)
+    after = accuracy(adapter.predict(test.features), test.labels)
     assert record["train_loss"][-1] < 0.7 * record["train_loss"][0]
     assert after > 100 / len(NAMES) + 15 and after > before + 10

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import synthetic_features
+from conftest import feature_task
 
-from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
+from adapters.base import AdapterContext, accuracy
 from adapters.clip_adapter import ClipAdapter
 from adapters.linear_probe import LinearProbe
 from adapters.tip import TipAdapter
@@ -21,15 +21,7 @@ C, D = 6, 16
 
 @pytest.fixture(scope="module")
 def task():
-    """Seeded synthetic task: separable classes, a weakly informative text head, 3 views per shot."""
-    keys, labels, means = synthetic_features(C, 8, D, noise=0.2, seed=0)
-    g = torch.Generator().manual_seed(1)
-    views = F.normalize(keys[None] + 0.2 * torch.randn(3, *keys.shape, generator=g), dim=-1)
-    text = F.normalize(means + 0.8 * torch.randn(C, D, generator=g), dim=-1)  # weakly informative, like CLIP
-    val = FeatureSplit(*synthetic_features(C, 4, D, noise=0.2, seed=2, means=means)[:2])
-    test = FeatureSplit(*synthetic_features(C, 30, D, noise=0.2, seed=3, means=means)[:2])
-    support = SupportSet(keys=F.normalize(views.mean(0), dim=-1), labels=labels, views=views)
-    return support, text, val, test
+    return feature_task(C, D)
 
 
 def _setup(adapter, support, text, seed=1):
