@@ -123,3 +123,27 @@ def test_parallel_jobs_share_the_caches(tmp_path):
     built = [name for r in results.values() for name in r["cache_activity"]["built"]]
     assert len(built) == len(set(built))  # text, val and test stores: built by one job, loaded by the others
     assert sum(name.startswith("features-test") for name in built) == 1
+
+
+def test_presets_and_the_slurm_launcher_compose():
+    """Every sweep preset composes with its values; the Slurm launcher config resolves to submitit's."""
+    from hydra import compose, initialize_config_dir
+
+    from adapters.config import conf_dir, group_options, register_schema
+    from adapters.sweep import count_jobs
+
+    register_schema()
+    expected = {"smoke": 8, "main_table": 11 * 7 * 5 * 3, "base2novel": 11 * 5 * 3}
+    assert set(group_options("sweep")) == set(expected)
+    for preset, jobs in expected.items():
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=[f"sweep={preset}"], return_hydra_config=True)
+        params = {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
+        assert count_jobs(params, []) == jobs and cfg.sweep_name == preset
+        assert count_jobs(params, ["adapter=tip,coop", "dataset=dtd"]) == jobs // (len(
+            params["adapter"].split(",")) * len(params.get("dataset", "x").split(","))) * 2
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["sweep=main_table", "hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
+    assert cfg.backbone.name == "rn50" and cfg.dataset.subsample == "all"
