@@ -184,8 +184,8 @@ def finished_result(out: Path, cfg: DictConfig) -> dict[str, Any] | None:
     return saved
 
 
-def evaluate_novel(cfg: DictConfig, base: Any, adapter: Adapter, builder: CacheBuilder,
-                   base_ctx: AdapterContext) -> dict[str, Any]:
+def evaluate_novel(cfg: DictConfig, adapter: Adapter, builder: CacheBuilder, base_ctx: AdapterContext
+                   ) -> dict[str, Any]:
     """Base-to-novel: score the adapter fitted on the base classes on the new classes' test images, once.
 
     The new classes get their own text head; what the adapter learned moves over through
@@ -291,7 +291,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     test_acc = accuracy(logits, test_labels)
     timings["eval"] = time.perf_counter() - t
     targets = {name: evaluate_target(cfg, name, dataset, adapter, builder) for name in cfg.get("targets", [])}
-    novel = evaluate_novel(cfg, dataset, adapter, builder, ctx) if dataset.source.get("subsample") == "base" \
+    novel = evaluate_novel(cfg, adapter, builder, ctx) if dataset.source.get("subsample") == "base" \
         and cfg.get("novel", True) else None
     timings["encode"] = builder.encode_seconds
     timings["total"] = time.perf_counter() - t_start

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -138,6 +139,9 @@ class CacheBuilder:
         bank_dir = self.store_path(dataset, f"bank-{bank}", bank_spec)
         with file_lock(bank_dir.parent / f".{bank_dir.name}.lock", what=bank_dir.name):
             rows: dict[str, tuple[torch.Tensor, bool]] = {}
+            # Keyed by id, size and mtime: an image changed on disk is encoded again, never served stale.
+            keys = {s.id: sample_stamp(s) for s in samples}
+            wanted = set(keys.values())
             for chunk in sorted(bank_dir.glob("chunk-*")) if bank_dir.is_dir() else []:
                 try:
                     store = KVStore.load(chunk)
@@ -145,11 +149,15 @@ class CacheBuilder:
                     log.warning("removing damaged bank chunk (%s)", e)
                     shutil.rmtree(chunk, ignore_errors=True)
                     continue
-                feats = store.view_features() if n_views > 1 else store.keys()[None]
-                for i, r in enumerate(store.meta):
-                    rows[r["key"]] = (feats[:, i], r["readable"] == "1")
-            # Keyed by id, size and mtime: an image changed on disk is encoded again, never served stale.
-            keys = {s.id: sample_stamp(s) for s in samples}
+                # Copy only the rows this store needs: a views bank can grow to gigabytes (views.npy is mmapped).
+                take = [i for i, r in enumerate(store.meta) if r["key"] in wanted]
+                if not take:
+                    continue
+                feats = torch.from_numpy(np.ascontiguousarray(store.views[:, take])) if n_views > 1 \
+                    else store.keys()[take][None]
+                for j, i in enumerate(take):
+                    r = store.meta[i]
+                    rows[r["key"]] = (feats[:, j], r["readable"] == "1")
             missing = list({s.id: s for s in samples if keys[s.id] not in rows}.values())
             if missing:
                 feats, ok = self.encode(dataset, missing, to_views, n_views, desc)
