@@ -21,6 +21,7 @@ is a feature-mode adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -140,7 +141,10 @@ class Auto(Adapter):
                 cv_correct, cv_total = 0, 0
                 for f in range(shots):
                     held = folds == f
-                    part = self._fit(name, ctx, _subset(train, ~held), val)
+                    rest = _subset(train, ~held)
+                    # The context carries the support too (Tip-Adapter builds its cache from it): the held-out
+                    # shot must be absent from both.
+                    part = self._fit(name, dataclasses.replace(ctx, support=rest), rest, val)
                     cv_logits = part.predict(train.keys[held])
                     cv_correct += int((cv_logits.argmax(-1) == train.labels[held]).sum())
                     cv_total += int(held.sum())

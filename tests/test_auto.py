@@ -63,6 +63,30 @@ def test_two_shots_pool_val_with_a_support_cross_validation():
         assert r["score"] == pytest.approx((r["val_acc"] * n_val + r["cv_acc"] * n_cv) / (n_val + n_cv))
 
 
+def test_the_held_out_shot_is_not_in_a_cross_validation_fit():
+    """Tip-Adapter's cross-validation score, recomputed here: each fold's cache holds the other shot only."""
+    from adapters.tip import TipAdapter
+
+    support, text, val = _task(shots=2)
+    # alpha up to 1000 lets the cache outweigh the (poor) zero-shot logits: a leaked held-out key, its own nearest
+    # neighbour, would then score 100% (it does with the context's full support: 100% instead of 60%)
+    grid = {"beta_steps": 8, "alpha_steps": 4, "alpha_max": 1000.0, "beta_max": 20.0}
+    auto = _setup(Auto(candidates=["tip"], overrides={"tip": grid}), support, text)
+    cv_acc = auto.fit(support, val)["candidates"]["tip"]["cv_acc"]
+    rank = torch.zeros_like(support.labels)
+    for c in range(C):
+        idx = (support.labels == c).nonzero().flatten()
+        rank[idx] = torch.arange(len(idx))
+    correct = 0
+    for f in (0, 1):
+        keep = rank != f
+        part = SupportSet(keys=support.keys[keep], labels=support.labels[keep], views=support.views[:, keep])
+        tip = _setup(TipAdapter(**grid), part, text)
+        tip.tune(val)
+        correct += int((tip.predict(support.keys[~keep]).argmax(-1) == support.labels[~keep]).sum())
+    assert cv_acc == pytest.approx(100.0 * correct / len(support)) and cv_acc < 100
+
+
 def test_pixel_candidates_are_refused():
     support, text, val = _task(shots=4)
     auto = _setup(Auto(candidates=["zero_shot", "coop_pixels"]), support, text)
