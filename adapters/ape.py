@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit
-from adapters.tip import alpha_accuracies, class_sum, label_block, linear_grid
+from adapters.tip import alpha_accuracies, beta_alpha_grid, class_sum, label_block, linear_grid
 from adapters.training import TrainsOnFeatures
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ class APE(Adapter):
     def hparam_grid(self) -> dict[str, list[float]]:
         if not self.search:
             return {}
-        return {"beta": linear_grid(0.1, self.beta_max, self.beta_steps),
-                "alpha": linear_grid(0.1, self.alpha_max, self.alpha_steps),
+        return {**beta_alpha_grid(self.beta_max, self.beta_steps, self.alpha_max, self.alpha_steps),
                 "gamma": linear_grid(0.0, self.gamma_max, self.gamma_steps)}
 
     def hparams(self) -> dict[str, Any]:
@@ -262,8 +261,7 @@ class APET(TrainsOnFeatures, APE):
     def hparam_grid(self) -> dict[str, list[float]]:
         if not self.search:
             return {}
-        return {"beta": linear_grid(0.1, self.beta_max, self.beta_steps),
-                "alpha": linear_grid(0.1, self.alpha_max, self.alpha_steps)}
+        return beta_alpha_grid(self.beta_max, self.beta_steps, self.alpha_max, self.alpha_steps)
 
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "beta": self.beta}

@@ -25,6 +25,11 @@ def linear_grid(lo: float, hi: float, steps: int) -> list[float]:
     return [lo + i * (hi - lo) / steps for i in range(steps)]
 
 
+def beta_alpha_grid(beta_max: float, beta_steps: int, alpha_max: float, alpha_steps: int) -> dict[str, list[float]]:
+    """Tip-Adapter's search grid, beta in [0.1, beta_max) then alpha in [0.1, alpha_max) (shared by APE)."""
+    return {"beta": linear_grid(0.1, beta_max, beta_steps), "alpha": linear_grid(0.1, alpha_max, alpha_steps)}
+
+
 def class_sum(values: torch.Tensor, labels: torch.Tensor, n_classes: int, block: int = 0) -> torch.Tensor:
     """Sum columns by class: ``[B, N] x labels [N] -> [B, C]``, i.e. ``values @ one_hot(labels)``.
 
@@ -106,8 +111,7 @@ class TipAdapter(Adapter):
     def hparam_grid(self) -> dict[str, list[float]]:
         if not self.search:
             return {}
-        return {"beta": linear_grid(0.1, self.beta_max, self.beta_steps),
-                "alpha": linear_grid(0.1, self.alpha_max, self.alpha_steps)}
+        return beta_alpha_grid(self.beta_max, self.beta_steps, self.alpha_max, self.alpha_steps)
 
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "beta": self.beta}
