@@ -41,15 +41,17 @@ class CoCoOp(CoOp):
         self.meta_net = nn.Sequential(first, nn.ReLU(), second).to(ctx.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` -> ``[B, C]``; the text encoder runs on B x C prompts."""
+        """``[B, D]`` -> ``[B, C]``; the text encoder runs on B x C prompts, ``chunk`` images per call."""
         x = x.float()
         shift = self.meta_net(x)  # [B, W]
         out = []
         for i in range(0, x.shape[0], self.chunk):
-            rows = []
-            for f, s in zip(x[i : i + self.chunk], shift[i : i + self.chunk]):
-                prompts = self.prompt_embeddings(self.context + s)  # [C, L, W]
-                text = self.ctx.backbone.encode_prompt_embeddings(prompts, self.meta_tokens)
-                rows.append(f @ text.t())
-            out.append(torch.stack(rows))
+            f, ctx_vectors = x[i : i + self.chunk], self.context + shift[i : i + self.chunk, None]  # [b, M, W]
+            if self.prefix_len:  # each image's prefix once, its C class suffixes in one batch
+                text = self.encode_shared(ctx_vectors)  # [b, C, D]
+            else:
+                prompts = torch.cat([self.prompt_embeddings(c) for c in ctx_vectors])  # [b * C, L, W]
+                tokens = self.meta_tokens.repeat(len(f), 1)
+                text = self.ctx.backbone.encode_prompt_embeddings(prompts, tokens).view(len(f), -1, x.shape[1])
+            out.append(torch.einsum("bd,bcd->bc", f, text))
         return self.ctx.logit_scale * torch.cat(out)

@@ -43,11 +43,14 @@ class CoOp(TrainsOnFeatures, Adapter):
     """
 
     def __init__(self, n_ctx: int = 16, ctx_init: str = "", class_token_position: str = "end", csc: bool = False,
-                 epochs_by_shots: Mapping[int, int] | None = None, **train_kwargs: Any) -> None:
+                 epochs_by_shots: Mapping[int, int] | None = None, share_prefix: bool = True,
+                 **train_kwargs: Any) -> None:
         super().__init__()
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"class_token_position must be end, middle or front, got {class_token_position}")
         self.n_ctx, self.ctx_init, self.position, self.csc = int(n_ctx), str(ctx_init), class_token_position, bool(csc)
+        self.share_prefix = bool(share_prefix)
+        self.prefix_len = 0  # prompt positions shared by every class (set by setup; 0: encode the full prompts)
         self.epochs_by_shots = {int(k): int(v) for k, v in (epochs_by_shots or EPOCHS_BY_SHOTS).items()}
         self.init_training(train_kwargs)
         self.context: nn.Parameter | None = None
@@ -89,6 +92,28 @@ class CoOp(TrainsOnFeatures, Adapter):
         self.register_buffer("token_suffix", embeds[:, 1 + m :], persistent=False)  # class, '.', EOS, pad
         self.name_lens = name_lens
         self.register_buffer("meta_tokens", self._reorder_tokens(tokens, m), persistent=False)
+        self.prefix_len = self._shared_prefix_len(bb) if self.share_prefix else 0
+
+    def _shared_prefix_len(self, bb: Any) -> int:
+        """Leading prompt positions identical for every class (start-of-text, a shared context, fixed words).
+
+        With the class token at the end and one shared context, ``[SOS] [V]_1..[V]_M`` (and any fixed words
+        after it) is the same sequence for every class, so under causal attention its hidden states are computed
+        once per step (``FrozenClip.encode_prompts_shared_prefix``). 0 when nothing is shared or the text tower
+        cannot split its work.
+        """
+        if self.position != "end" or self.csc or not bb.shared_prefix_supported():
+            return 0
+        tokens = self.meta_tokens
+        fixed = self.token_suffix  # [C, L - 1 - M, W]: the positions after the context
+        n = 0
+        eot = int(tokens.argmax(dim=-1).min())  # the end-of-text token is pooled: it must stay per class
+        while 1 + self.n_ctx + n < eot:
+            column = tokens[:, 1 + self.n_ctx + n]
+            if not bool((column == column[0]).all()) or not bool((fixed[:, n] == fixed[0, n]).all()):
+                break
+            n += 1
+        return 1 + self.n_ctx + n
 
     def _reorder_tokens(self, tokens: torch.Tensor, m: int) -> torch.Tensor:
         """Token ids in the spliced order (only the EOS position matters for pooling)."""
@@ -134,7 +159,17 @@ class CoOp(TrainsOnFeatures, Adapter):
 
     def encode_text(self) -> torch.Tensor:
         """``[C, D]`` normalised features of the current prompts (prompt learners with deep prompts extend it)."""
+        if self.prefix_len:
+            return self.encode_shared(self.context[None])[0]
         return self.ctx.backbone.encode_prompt_embeddings(self.prompt_embeddings(self.context), self.meta_tokens)
+
+    def encode_shared(self, ctx_vectors: torch.Tensor) -> torch.Tensor:
+        """``[B, M, W]`` contexts (one per image for CoCoOp) -> ``[B, C, D]`` class features, the shared prefix run
+        once per context (needs ``prefix_len > 0``)."""
+        b, fixed = ctx_vectors.shape[0], self.prefix_len - 1 - self.n_ctx
+        prefix = torch.cat([self.token_sos[:1].expand(b, -1, -1), ctx_vectors,
+                            self.token_suffix[:1, :fixed].expand(b, -1, -1)], dim=1)
+        return self.ctx.backbone.encode_prompts_shared_prefix(prefix, self.token_suffix[:, fixed:], self.meta_tokens)
 
     def new_class_state(self) -> dict[str, torch.Tensor] | None:
         # A shared context transfers to any class name (CoOp's base-to-novel setting); one per class cannot.

@@ -199,6 +199,43 @@ def run_prompted_blocks(transformer: Any, x: torch.Tensor, prompts: PromptFn, st
     return x, n
 
 
+def _shared_prefix_block(block: Any, hp: torch.Tensor, hs: torch.Tensor, allowed: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One open_clip ``ResidualAttentionBlock`` on a shared prefix and per-class suffixes (causal attention).
+
+    ``hp [B, P, W]`` prefix states attend among themselves; ``hs [B or 1, C, S, W]`` suffix states attend to their
+    image's prefix and to themselves (``allowed [S, P + S]``). The same operations as the block's ``forward``
+    (pre-norm, fused in-projection, scaled dot-product attention, out-projection, layer scales, MLP), split so the
+    prefix's keys and values are computed once and shared by the C suffixes.
+    """
+    attn = block.attn
+    heads = attn.num_heads
+    b, p, w = hp.shape
+    n_cls, s = hs.shape[1], hs.shape[2]
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # [..., L, W] -> [..., heads, L, W / heads]
+        return t.unflatten(-1, (heads, w // heads)).transpose(-3, -2)
+
+    qp, kp, vp = (split(t) for t in F.linear(block.ln_1(hp), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
+    qs, ks, vs = (split(t) for t in F.linear(block.ln_1(hs), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
+    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # [B, h, P, hd]
+    bs = hs.shape[0]
+
+    def with_prefix(t_prefix: torch.Tensor, t_suffix: torch.Tensor) -> torch.Tensor:  # -> [B * C, h, P + S, hd]
+        t_prefix = t_prefix[:, None].expand(b, n_cls, -1, -1, -1)
+        return torch.cat([t_prefix, t_suffix.expand(b, -1, -1, -1, -1)], dim=-2).flatten(0, 1)
+
+    q = qs.expand(b, -1, -1, -1, -1).flatten(0, 1) if bs != b else qs.flatten(0, 1)
+    os_ = F.scaled_dot_product_attention(q, with_prefix(kp, ks), with_prefix(vp, vs), attn_mask=allowed)
+    op = op.transpose(-3, -2).flatten(-2)  # [B, P, W]
+    os_ = os_.transpose(-3, -2).flatten(-2).view(b, n_cls, s, w)
+    hp = hp + block.ls_1(attn.out_proj(op))
+    hs = hs + block.ls_1(attn.out_proj(os_))
+    hp = hp + block.ls_2(block.mlp(block.ln_2(hp)))
+    hs = hs + block.ls_2(block.mlp(block.ln_2(hs)))
+    return hp, hs
+
+
 class FrozenClip:
     """A frozen open_clip model with batched, no-grad, L2-normalised encoders.
 
@@ -389,6 +426,73 @@ class FrozenClip:
             x, _ = run_prompted_blocks(m.transformer, x, layer_prompt, prompt_start, n_ctx, attn_mask=mask)
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
+        proj = m.text_projection
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return F.normalize(x.float(), dim=-1)
+
+    def shared_prefix_supported(self) -> bool:
+        """Whether ``encode_prompts_shared_prefix`` can split the text tower's work (else it runs the full prompts).
+
+        It needs causal attention (a later token never changes an earlier one) and open_clip's standard blocks
+        (``ResidualAttentionBlock`` with a plain ``nn.MultiheadAttention``, batch first) and argmax pooling.
+        """
+        from open_clip.transformer import ResidualAttentionBlock
+
+        m = self._text_tower()
+        mask = m.attn_mask
+        if mask is None or getattr(m, "text_pool_type", "argmax") != "argmax" or not m.transformer.batch_first:
+            return False
+        causal = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+        if not torch.equal(torch.isinf(mask) & (mask < 0), causal) or not bool((mask[~causal] == 0).all()):
+            return False
+        for block in m.transformer.resblocks:
+            a = getattr(block, "attn", None)
+            if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv") or \
+                    not isinstance(a, torch.nn.MultiheadAttention) or not a._qkv_same_embed_dim or \
+                    a.bias_k is not None or a.add_zero_attn or (a.dropout and a.training):
+                return False
+        return True
+
+    def encode_prompts_shared_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor, tokens: torch.Tensor
+                                     ) -> torch.Tensor:
+        """Text features of every (prefix, suffix) pair, running the shared prefix once: ``[B, C, D]``.
+
+        Prompt ``(b, c)`` is ``prefix[b]`` followed by ``suffix[c]`` (CoOp: start-of-text and the learned context,
+        then a class name, '.', end-of-text). Under causal attention the hidden states of the P prefix positions
+        never see what follows them, so they are the same for every class: they are computed once per prefix, and
+        only the suffix positions run per class, attending to the prefix's keys and values. The result equals
+        ``encode_prompt_embeddings`` on the spliced prompts (up to float rounding), gradients included; towers
+        where that does not hold (``shared_prefix_supported``) run the full prompts instead.
+
+        Args:
+            prefix: ``[B, P, W]`` token embeddings shared by every class (one row per image for CoCoOp).
+            suffix: ``[C, S, W]`` per-class token embeddings.
+            tokens: ``[C, P + S]`` token ids of the spliced prompts (the end-of-text position, the highest id, is
+                pooled; it must lie in the suffix).
+        Returns:
+            ``[B, C, D]`` float32 L2-normalised text features.
+        """
+        b, p, w = prefix.shape
+        n_cls = suffix.shape[0]
+        eot = tokens.argmax(dim=-1).to(prefix.device)
+        if int(eot.min()) < p:
+            raise ValueError(f"the end-of-text token must follow the shared prefix ({p} tokens)")
+        if not self.shared_prefix_supported():
+            full = torch.cat([prefix[:, None].expand(b, n_cls, p, w), suffix[None].expand(b, n_cls, -1, w)], dim=2)
+            feats = self.encode_prompt_embeddings(full.reshape(b * n_cls, -1, w), tokens.repeat(b, 1))
+            return feats.view(b, n_cls, -1)
+        m = self._text_tower()
+        s = int(eot.max()) + 1 - p  # positions after the last end-of-text token are never pooled nor attended to
+        pos = m.positional_embedding.float()
+        hp = prefix + pos[:p]  # [B, P, W]
+        hs = (suffix[:, :s] + pos[p : p + s])[None]  # [1, C, S, W]: becomes [B, C, S, W] after the first block
+        # suffix position i attends to every prefix position and to suffix positions <= i
+        allowed = torch.ones(s, p + s, dtype=torch.bool, device=prefix.device)
+        allowed[:, p:] = torch.ones(s, s, dtype=torch.bool, device=prefix.device).tril()
+        for block in m.transformer.resblocks:
+            hp, hs = _shared_prefix_block(block, hp, hs, allowed)
+        pooled = hs[:, torch.arange(n_cls, device=hs.device), eot - p]  # [B, C, W]
+        x = m.ln_final(pooled)
         proj = m.text_projection
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
         return F.normalize(x.float(), dim=-1)

@@ -81,3 +81,47 @@ def test_prompt_learners_learn_a_synthetic_task(tiny, make):
     after = accuracy(adapter.predict(test.features), test.labels)
     assert record["train_loss"][-1] < 0.7 * record["train_loss"][0]
     assert after > 100 / len(NAMES) + 15 and after > before + 10
+
+
+def _with_and_without_shared_prefix(make, tiny):
+    shared, full = _setup(make(share_prefix=True), tiny), _setup(make(share_prefix=False), tiny)
+    full.load_state_dict(shared.state_dict())
+    return shared.train(), full.train()
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: CoOp(n_ctx=16, **kw),
+    lambda **kw: CoOp(n_ctx=2, ctx_init="a photo of a", **kw),  # "of a" stays fixed: part of the shared prefix
+], ids=["random-16", "words-2-of-4"])
+def test_shared_prefix_equals_the_full_prompts_with_gradients(tiny, make):
+    shared, full = _with_and_without_shared_prefix(make, tiny)
+    assert shared.prefix_len == 1 + shared.n_ctx + (2 if shared.ctx_init else 0) and full.prefix_len == 0
+    x = _support(tiny.dim, 3).keys
+    y = torch.arange(len(NAMES)).repeat_interleave(3)
+    grads = []
+    for a in (shared, full):
+        loss = F.cross_entropy(a(x), y)
+        grads.append(torch.autograd.grad(loss, a.context)[0])
+        torch.testing.assert_close(a.encode_text(), full.encode_text(), rtol=1e-5, atol=1e-6)
+    scale = float(grads[1].abs().max())
+    assert scale > 0 and float((grads[0] - grads[1]).abs().max()) <= 1e-4 * scale  # float rounding only
+
+
+def test_cocoop_shared_prefix_batches_images_and_matches_per_image_prompts(tiny):
+    shared, full = _with_and_without_shared_prefix(lambda **kw: CoCoOp(chunk=3, **kw), tiny)
+    x = _support(tiny.dim, 2).keys  # 12 images: chunks of 3
+    y = torch.arange(len(NAMES)).repeat_interleave(2)
+    # independent computation: one image at a time, its prompts spliced by hand and run through the full encoder
+    rows = []
+    for f in x:
+        ctx_i = full.context + full.meta_net(f[None])[0]
+        prompts = torch.cat([full.token_sos, ctx_i[None].expand(len(NAMES), -1, -1), full.token_suffix], dim=1)
+        rows.append(100 * f @ tiny.encode_prompt_embeddings(prompts, full.meta_tokens).t())
+    expected = torch.stack(rows)
+    params = lambda a: [a.context, *a.meta_net.parameters()]  # noqa: E731
+    exp_grads = torch.autograd.grad(F.cross_entropy(expected, y), params(full))
+    for a in (shared, full):
+        logits = a(x)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
+        for g, e in zip(torch.autograd.grad(F.cross_entropy(logits, y), params(a)), exp_grads):
+            assert float((g - e).abs().max()) <= 1e-4 * float(e.abs().max())  # float rounding only
