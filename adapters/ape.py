@@ -154,7 +154,11 @@ class APE(Adapter):
 
     def cache_logits(self, shifted: torch.Tensor, beta: float, weights: torch.Tensor) -> torch.Tensor:
         """``exp(beta (A - 1)) (w * L)``, the one-hot L as a per-class sum: ``[B, N] -> [B, C]``."""
-        return class_sum(torch.exp(shifted * beta) * weights, self.values, self.text_head.shape[0], self.block)
+        return self.weighted_class_sum(torch.exp(shifted * beta), weights)
+
+    def weighted_class_sum(self, affinity: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``(A * w) L``: ``[B, N] affinities, [N] weights -> [B, C]``."""
+        return class_sum(affinity * weights, self.values, self.text_head.shape[0], self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D] -> [B, C]``."""
@@ -178,9 +182,9 @@ class APE(Adapter):
     def tune(self, val: FeatureSplit) -> dict[str, Any]:
         """Exact search of the grid on val, in the reference's loop order (beta, then alpha, then gamma).
 
-        The affinities do not depend on the hyperparameters and are computed once; each beta costs one exp, each
-        gamma a reweighting and a per-class sum, and all alphas are scored at once. Picks the first best point in
-        that order, like ``tuning.grid_search``.
+        The affinities do not depend on the hyperparameters and are computed once; each beta costs one exp (not one
+        per gamma), each gamma a reweighting and a per-class sum, and all alphas are scored at once. Picks the first
+        best point in that order, like ``tuning.grid_search``.
         """
         grid = self.hparam_grid()
         if not grid:
@@ -196,9 +200,13 @@ class APE(Adapter):
         weights = [self.value_weights(g) for g in gammas]
         alphas = torch.tensor(grid["alpha"], dtype=torch.float32)
         best_acc, best = -1.0, (self.beta, self.alpha, self.gamma)
+        affinity = torch.empty_like(shifted)  # reused: one [Q, N] buffer for every beta
         for beta in grid["beta"]:
+            # The exp depends on beta only: once per beta, then one reweighting per gamma (the same operations as
+            # cache_logits, so the logits are bit for bit the ones forward produces).
+            torch.mul(shifted, beta, out=affinity).exp_()
             # [alpha, gamma] accuracies, flattened alpha-major: the reference's innermost loop is gamma.
-            accs = torch.stack([alpha_accuracies(text, self.cache_logits(shifted, beta, w), labels, alphas)
+            accs = torch.stack([alpha_accuracies(text, self.weighted_class_sum(affinity, w), labels, alphas)
                                 for w in weights], dim=1).reshape(-1)
             j = int(accs.argmax())  # the first maximum
             if float(accs[j]) > best_acc:
@@ -253,7 +261,15 @@ class APET(TrainsOnFeatures, APE):
         return scale * x.float() @ self.text_weights().t()
 
     def shifted_affinity(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() @ self.cache_keys().t() - 1.0
+        """``f cache_keys()^T - 1`` without building the ``[N, D]`` keys: ``f K^T + (f_S R^T)[:, labels] - 1``.
+
+        Key n is its fixed key plus its class's residual on the selected channels S, so its affinity is the fixed
+        one plus ``f_S . R_{y_n}``: a ``[B, C]`` product spread to the keys. The fixed part needs no gradient, and
+        the residual's gradient is a ``[C, k]`` product instead of an ``[N, D]`` one.
+        """
+        x = x.float()
+        per_class = x[:, self.channels] @ self.residual.t() - 1.0  # [B, C], the -1 of every key included
+        return torch.addmm(per_class[:, self.values], x, self.keys.t())
 
     def value_weights(self, gamma: float) -> torch.Tensor:
         return self.value_scale  # learned; gamma has no role in APE-T

@@ -72,6 +72,7 @@ class CLAP(TrainsOnFeatures, Adapter):
         self.prototypes: nn.Parameter | None = None
         self.register_buffer("multipliers", torch.empty(0), persistent=False)
         self.register_buffer("penalty_weight", torch.empty(0), persistent=False)  # rho of the outer updates
+        self._multipliers_from: SupportSet | None = None  # the support set the multipliers were computed on
 
     def setup(self, ctx: AdapterContext) -> None:
         super().setup(ctx)
@@ -79,15 +80,24 @@ class CLAP(TrainsOnFeatures, Adapter):
         self.init_multipliers(ctx.support)
 
     @torch.no_grad()
-    def init_multipliers(self, support: SupportSet) -> None:
-        """lambda_c = mean zero-shot probability of class c on its own support samples (every cached view): ``[C]``."""
+    def init_multipliers(self, support: SupportSet, chunk: int = 16384) -> None:
+        """lambda_c = mean zero-shot probability of class c on its own support samples (every cached view): ``[C]``.
+
+        Computed in row blocks (no ``[M, C]`` matrix), once per support set: ``fit`` on the set ``setup`` saw
+        reuses it.
+        """
+        if self._multipliers_from is support:
+            return
         x, y = support_samples(support)
         x, y = x.to(self.text_head.device), y.to(self.text_head.device)
         n_cls = self.text_head.shape[0]
-        probs = self.zero_shot_logits(x).softmax(dim=-1)
-        own = probs.gather(1, y[:, None])  # [M, 1]
+        own = torch.empty(len(y), 1, device=x.device)
+        for i in range(0, len(y), chunk):
+            z = self.zero_shot_logits(x[i : i + chunk])  # [n, C]
+            own[i : i + chunk, 0] = (z.gather(1, y[i : i + chunk, None])[:, 0] - torch.logsumexp(z, dim=1)).exp_()
         self.multipliers = class_means(own, y, n_cls)[:, 0]
         self.penalty_weight = torch.zeros_like(self.multipliers)
+        self._multipliers_from = support
 
     def distances(self) -> torch.Tensor:
         """``||w_c - t_c||^2`` per class: ``[C]``."""
@@ -123,10 +133,11 @@ class CLAP(TrainsOnFeatures, Adapter):
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         """Train on the support set only; ``val`` is never read (the last epoch is kept)."""
         self.init_multipliers(train_set)
+        self._multipliers_from = None  # training (adaptive) changes them: a later fit starts afresh
         log.info("CLAP multipliers (zero-shot, support set): mean %.3f, min %.3f, max %.3f",
                  float(self.multipliers.mean()), float(self.multipliers.min()), float(self.multipliers.max()))
-        record = train(self, view_batches(train_set, self.spec.batch_size), None, self.spec, seed=self.ctx.seed,
-                       loss_fn=self.loss, progress=self.ctx.progress, desc=type(self).__name__)
+        record = train(self, view_batches(train_set, self.spec.batch_size, self.text_head.device), None, self.spec,
+                       seed=self.ctx.seed, loss_fn=self.loss, progress=self.ctx.progress, desc=type(self).__name__)
         record["constraint"] = self.constraint
         record["multipliers"] = [round(float(v), 6) for v in self.multipliers]
         return record

@@ -33,6 +33,7 @@ import torch
 
 from adapters.base import Adapter, AdapterContext, SupportSet
 from adapters.tip import class_sum
+from adapters.training import check_classifier
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +67,21 @@ def gda_classifier(x: torch.Tensor, labels: torch.Tensor, n_classes: int, chunk:
     Returns:
         ``(W [C, D], b [C])`` float32, with ``W = mu Sigma^-1`` and ``b = log(1/C) - 1/2 diag(mu Sigma^-1 mu^T)``.
     """
-    # float64: the scatter of many unit vectors in 1024-D loses digits in float32. Accumulated block by block so
-    # ImageNet's 16 shots x 10 views x 1000 classes never exist as one float64 copy.
+    # float64: the scatter of many unit vectors in 1024-D loses digits in float32. One pass over the samples in
+    # blocks (so ImageNet's 16 shots x 10 views x 1000 classes never exist as one float64 copy) accumulates the
+    # per-class sums and the Gram matrix; the within-class scatter is then sum_i x_i x_i^T - sum_c n_c mu_c mu_c^T.
     n, d = x.shape
     labels = labels.to(x.device)
     sums = x.new_zeros(n_classes, d, dtype=torch.float64)
+    gram = x.new_zeros(d, d, dtype=torch.float64)
     for i in range(0, n, chunk):
-        sums += class_sum(x[i : i + chunk].double().t(), labels[i : i + chunk], n_classes).t()
-    counts = torch.bincount(labels, minlength=n_classes).clamp(min=1)
-    mu = sums / counts[:, None].double()  # [C, D]
+        xd = x[i : i + chunk].double()
+        sums.index_add_(0, labels[i : i + chunk], xd)
+        gram.addmm_(xd.t(), xd)
+    counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).double()
+    mu = sums / counts[:, None]  # [C, D]
     # (N - 1) * sample covariance of the class-centred samples (their global mean is 0)
-    scatter = x.new_zeros(d, d, dtype=torch.float64)
-    for i in range(0, n, chunk):
-        centred = x[i : i + chunk].double() - mu[labels[i : i + chunk]]
-        scatter += centred.t() @ centred
+    scatter = gram - (sums.t() / counts) @ sums
     shrink = torch.trace(scatter) / max(n - 1, 1)  # tr(Sigma_hat)
     regularised = scatter + shrink * torch.eye(d, dtype=torch.float64, device=x.device)
     # Sigma^-1 mu^T = D * regularised^-1 mu^T, by a solve rather than an explicit inverse.
@@ -112,6 +114,7 @@ class GDA(Adapter):
         super().setup(ctx)
         x, y = support_samples(ctx.support, self.use_views)
         w, b = gda_classifier(x.to(ctx.device), y.to(ctx.device), ctx.n_classes)
+        check_classifier("gda", w, b)
         self.weight, self.bias = w, b
         log.info("GDA: fitted on %d samples (%s)", len(y), "cached views" if len(y) > len(ctx.support) else "keys")
 

@@ -26,18 +26,17 @@ is a sample (``use_views``), which leaves the step sizes' scale unchanged (both 
 
 from __future__ import annotations
 
-import copy
 import logging
+import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, evaluate
+from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, accuracy
 from adapters.gda import class_means, support_samples
 from adapters.tip import class_sum
-from adapters.training import NonFiniteLossError
+from adapters.training import NonFiniteLossError, check_classifier, check_optimised
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +46,18 @@ def lp_pp_init(x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, init_s
     """LP++'s initial point and step sizes from the samples ``x [M, D]``, ``labels [M]`` and ``text [C, D]``.
 
     Returns ``weight [C, D]`` (per-class feature sums), ``alpha`` (a float), ``lr_w`` and ``lr_alpha`` (floats).
+    Both step sizes come from the Gram matrix ``F^T F [D, D]``: ``lambda_max`` for W, and for alpha
+    ``sum_i (f_i . t_k)^2 = t_k F^T F t_k``, so no ``[M, C]`` matrix is formed.
     """
     n_cls, m = text.shape[0], x.shape[0]
-    text_logits = x @ text.t()  # [M, C]
     weight = class_sum(x.t(), labels, n_cls).t()  # [C, D]
-    own = text_logits.gather(1, labels[:, None].to(x.device))  # [M, 1]: f_i . t_{y_i}
+    own = (x * text[labels]).sum(dim=1, keepdim=True)  # [M, 1]: f_i . t_{y_i}
     alpha = init_scale * float(class_means(own, labels, n_cls).mean())
-    lam_max = float(torch.linalg.eigvalsh((x.t() @ x).double())[-1])
+    gram = (x.t() @ x).double()  # [D, D]
+    lam_max = float(torch.linalg.eigvalsh(gram)[-1])
     lr_w = 4.0 * m / lam_max
-    lr_alpha = m / (4.0 * float((text_logits ** 2).sum(dim=0).max()))
+    t = text.double()
+    lr_alpha = m / (4.0 * float(((t @ gram) * t).sum(dim=1).max()))
     return {"weight": weight, "alpha": alpha, "lr_w": lr_w, "lr_alpha": lr_alpha}
 
 
@@ -88,10 +90,12 @@ class LPPlusPlus(Adapter):
         self.weight: nn.Parameter | None = None
         self.bias: nn.Parameter | None = None
         self.alpha: nn.Parameter | None = None
+        self._fresh_from: SupportSet | None = None
 
     def setup(self, ctx: AdapterContext) -> None:
         super().setup(ctx)
         self.initialise(*support_samples(ctx.support, self.use_views))
+        self._fresh_from = ctx.support  # fit on this support starts here instead of initialising again
 
     def initialise(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         """Set the initial point and step sizes from the samples ``x [M, D]``, ``labels [M]``."""
@@ -102,6 +106,7 @@ class LPPlusPlus(Adapter):
         self.bias = nn.Parameter(torch.zeros(n_cls, device=dev))
         self.alpha = nn.Parameter(torch.full((n_cls,), init["alpha"], device=dev))
         self.lr_w, self.lr_alpha = init["lr_w"], init["lr_alpha"]
+        self._fresh_from = None
 
     def logits(self, x: torch.Tensor, text_logits: torch.Tensor) -> torch.Tensor:
         """``f W^T + b + alpha * (f t^T)`` given ``text_logits = f t^T``: ``[B, D], [B, C] -> [B, C]``."""
@@ -112,45 +117,80 @@ class LPPlusPlus(Adapter):
         x = x.float()
         return self.logits(x, x @ self.text_head.t())
 
+    @torch.no_grad()
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 16384
+                       ) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over ``x [M, D]``, ``y [M]`` and its gradients for W ``[C, D]``, b ``[C]``, alpha ``[C]``.
+
+        The logits are ``f (W + diag(alpha) T)^T + b``: one matmul per row block. With ``G = softmax - onehot``,
+        the W gradient is ``G^T F / M`` and the alpha gradient ``sum_d (G^T F)_kd T_kd / M``: both from the same
+        ``[C, D]`` product, so an epoch costs two ``M x D x C`` matmuls and no ``[M, C]`` matrix is kept.
+        """
+        w_eff = torch.addcmul(self.weight, self.alpha[:, None], self.text_head)  # [C, D]
+        g_raw, g_b = torch.zeros_like(self.weight), torch.zeros_like(self.bias)
+        total = 0.0
+        for i in range(0, x.shape[0], chunk):
+            xi, yi = x[i : i + chunk], y[i : i + chunk]
+            z = torch.addmm(self.bias, xi, w_eff.t())  # [n, C]
+            own = z.gather(1, yi[:, None]).squeeze(1)
+            top = z.amax(dim=1)
+            p = z.sub_(top[:, None]).exp_()
+            mass = p.sum(dim=1)
+            total += float(((top - own) + mass.log()).double().sum())
+            p.div_(mass[:, None])
+            p[torch.arange(len(yi), device=p.device), yi] -= 1.0
+            g_raw.addmm_(p.t(), xi)
+            g_b += p.sum(dim=0)
+        m = x.shape[0]
+        return total / m, g_raw / m, g_b / m, (g_raw * self.text_head).sum(dim=1) / m
+
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         """Block-coordinate descent, full batch; keep the best val epoch (or the last)."""
         dev = self.text_head.device
         x, y = support_samples(train_set, self.use_views)
         x, y = x.float().to(dev), y.to(dev)
-        self.initialise(x, y)
-        text_logits = x @ self.text_head.t()  # constant: computed once
+        if self._fresh_from is not train_set:  # setup already initialised from this support set
+            self.initialise(x, y)
+        self._fresh_from = None
         opt = torch.optim.SGD([self.weight, self.bias], lr=self.lr_w, momentum=self.momentum)
         grad_sum = torch.zeros_like(self.alpha)
         select_on_val = self.select == "best_val" and val is not None and len(val) > 0
+        if select_on_val:  # constant: the val features' text cosines, computed once
+            val_x, val_y = val.features.float().to(dev), val.labels.to(dev)
+            val_text = val_x @ self.text_head.t()
         best_acc, best_epoch, best_state = -1.0, self.epochs, None
         losses: list[float] = []
         val_accs: list[float] = []
+        start = self.weight.detach().clone()
+        self.train()
         for epoch in range(1, self.epochs + 1):
-            self.train()
-            loss = F.cross_entropy(self.logits(x, text_logits), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"LP++: non-finite loss ({loss.item()}) at epoch {epoch}")
-            opt.zero_grad(set_to_none=True)
-            self.alpha.grad = None
-            loss.backward()
+            loss, g_w, g_b, g_alpha = self.loss_and_grads(x, y)
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(f"LP++: non-finite loss ({loss}) at epoch {epoch}")
+            self.weight.grad, self.bias.grad = g_w, g_b
             opt.step()
-            grad_sum = grad_sum + self.alpha.grad if self.alpha_grad == "accumulated" else self.alpha.grad
+            grad_sum = grad_sum + g_alpha if self.alpha_grad == "accumulated" else g_alpha
             if epoch % self.alpha_every == 0:
                 with torch.no_grad():
                     self.alpha -= self.lr_alpha * grad_sum
-            losses.append(float(loss.detach()))
+            losses.append(loss)
             if select_on_val:
-                acc = evaluate(self, val)
+                with torch.no_grad():
+                    acc = accuracy(self.logits(val_x, val_text), val_y)
                 val_accs.append(acc)
                 if acc >= best_acc:  # the reference's >=: ties keep the later epoch
                     best_acc, best_epoch = acc, epoch
-                    best_state = copy.deepcopy({k: v.detach().clone() for k, v in self.state_dict().items()})
+                    best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        optimisation = check_optimised("LP++", len(losses), losses[0] if losses else float("nan"),
+                                       losses[-1] if losses else float("nan"),
+                                       moved=float((self.weight.detach() - start).abs().max()))
         if best_state is not None:
             self.load_state_dict(best_state)
+        check_classifier("LP++", torch.addcmul(self.weight, self.alpha[:, None], self.text_head), self.bias)
         self.eval()
         log.info("LP++: %d epochs, lr_w=%.4g lr_alpha=%.4g, kept epoch %d", self.epochs, self.lr_w, self.lr_alpha,
                  best_epoch)
         return {"method": "LP++ block-coordinate descent (full batch)", "epochs": self.epochs,
                 "best_epoch": best_epoch, "selected_by": "val" if select_on_val else "last", "lr_w": self.lr_w,
-                "lr_alpha": self.lr_alpha, "train_loss": losses, "val_acc": val_accs,
+                "lr_alpha": self.lr_alpha, "train_loss": losses, "val_acc": val_accs, "optimisation": optimisation,
                 "mode": "features (cached views as samples)" if self.use_views else "features (keys)"}

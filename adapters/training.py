@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -32,6 +33,59 @@ Batches = Callable[[int, torch.Generator], Iterator[tuple[torch.Tensor, torch.Te
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class DegenerateFitError(RuntimeError):
+    """A solver returned without optimising: no iterations, weights that never moved, or a degenerate classifier."""
+
+
+class NotOptimisedWarning(UserWarning):
+    """A solver ran, but its loss did not go down (the figures are in the message and in the fit record)."""
+
+
+def check_optimised(name: str, iterations: int, initial_loss: float, final_loss: float,
+                    moved: float | None = None) -> dict[str, Any]:
+    """Check that an iterative solver actually optimised; every solver in fewclip calls this before returning.
+
+    Raises ``DegenerateFitError`` when it ran no iteration, ended on a non-finite loss, or its weights never moved
+    (``moved``: the largest absolute change of any weight; None when the solver does not track it). Warns
+    (``NotOptimisedWarning``, and the log) when the final loss is not below the initial one. Returns the figures
+    for the fit record (``result.json``), with ``status`` ``ok`` or the warning.
+    """
+    record = {"iterations": int(iterations), "initial_loss": float(initial_loss), "final_loss": float(final_loss)}
+    if moved is not None:
+        record["max_weight_change"] = float(moved)
+    figures = f"{iterations} iterations, loss {initial_loss:.6g} -> {final_loss:.6g}" + (
+        f", largest weight change {moved:.3g}" if moved is not None else "")
+    if iterations <= 0:
+        raise DegenerateFitError(f"{name}: the solver ran no iteration ({figures}); its weights are the initial ones")
+    if not math.isfinite(final_loss):
+        raise DegenerateFitError(f"{name}: the solver ended on a non-finite loss ({figures})")
+    if moved is not None and not moved > 0:
+        raise DegenerateFitError(f"{name}: the weights never changed ({figures}); check the learning rate and that "
+                                 "the loss reaches the trained parameters")
+    if not final_loss < initial_loss:
+        message = f"{name}: the training loss did not decrease ({figures})"
+        warnings.warn(message, NotOptimisedWarning, stacklevel=2)
+        log.warning(message)
+        record["status"] = "warning: loss did not decrease"
+    else:
+        record["status"] = "ok"
+    return record
+
+
+def check_classifier(name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Refuse a degenerate linear classifier ``weight [C, D]`` (+ ``bias [C]``): non-finite entries, or every class
+    with the same weights and bias (it would predict one class for every input, e.g. all-zero weights)."""
+    parts = [weight.reshape(weight.shape[0], -1)] + ([bias.reshape(-1, 1)] if bias is not None else [])
+    rows = torch.cat([t.detach().float() for t in parts], dim=1)
+    if not bool(torch.isfinite(rows).all()):
+        bad = int((~torch.isfinite(rows)).sum())
+        raise DegenerateFitError(f"{name}: {bad} of {rows.numel()} classifier weights are NaN or infinite")
+    spread = float((rows - rows[:1]).abs().max()) if rows.shape[0] > 1 else 1.0
+    if not spread > 0:
+        raise DegenerateFitError(f"{name}: every class has the same weights (largest |w| "
+                                 f"{float(rows.abs().max()):.3g}): the classifier predicts one class for every input")
 
 
 @dataclass
@@ -65,18 +119,22 @@ class TrainSpec:
         return spec, {k: v for k, v in kwargs.items() if k not in names}
 
 
-def view_batches(support: SupportSet, batch_size: int) -> Batches:
+def view_batches(support: SupportSet, batch_size: int, device: torch.device | None = None) -> Batches:
     """Feature-mode data: per epoch, one seeded random view per support image, in seeded random order.
 
-    Yields ``([B, D] features, [B] labels)``. Without per-view features, the keys are used.
+    Yields ``([B, D] features, [B] labels)``. Without per-view features, the keys are used. On a CUDA ``device`` the
+    views move there once, so a step gathers its batch on the device instead of copying it from host memory.
     """
     views = support.views if support.views is not None else support.keys[None]
     labels = support.labels
+    if device is not None and device.type != "cpu":
+        views, labels = views.float().to(device), labels.to(device)
 
     def batches(epoch: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = labels.shape[0]
-        pick = torch.randint(views.shape[0], (n,), generator=gen)
-        order = torch.randperm(n, generator=gen)
+        # drawn on the CPU with the seeded generator (the same draws on every device)
+        pick = torch.randint(views.shape[0], (n,), generator=gen).to(views.device)
+        order = torch.randperm(n, generator=gen).to(views.device)
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
             yield views[pick[idx], idx].float(), labels[idx]
@@ -148,22 +206,19 @@ def train(
     best_acc, best_epoch, best_state = -1.0, spec.epochs, None
     losses: list[float] = []
     val_accs: list[float] = []
+    first_loss, n_steps = float("nan"), 0
+    start = [p.detach().clone() for p in params]
     bar = tqdm(range(1, spec.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         adapter.train()
         if start_epoch is not None:  # methods whose loss changes with the epoch (DPT's warm-up losses)
             start_epoch(epoch)
-        total, count = 0.0, 0
-        for step, (x, y) in enumerate(batches(epoch, gen)):
+        # Step losses stay on the device and are read once per epoch: no host synchronisation per step.
+        step_losses, sizes = [], []
+        for x, y in batches(epoch, gen):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 loss = loss_fn(adapter(x).float(), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"{type(adapter).__name__}: non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
-                    f"lower the learning rate (adapter.lr={spec.lr}) or enable gradient clipping "
-                    "(adapter.grad_clip=1.0)"
-                )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if spec.grad_clip > 0:
@@ -172,9 +227,21 @@ def train(
             scaler.step(opt)
             scaler.update()
             sched.step()
-            total += float(loss.detach()) * len(y)
-            count += len(y)
-        losses.append(total / max(1, count))
+            step_losses.append(loss.detach())
+            sizes.append(len(y))
+        if not step_losses:
+            break
+        per_step = torch.stack(step_losses).double().cpu()
+        if not bool(torch.isfinite(per_step).all()):
+            step = int((~torch.isfinite(per_step)).nonzero()[0])
+            raise NonFiniteLossError(
+                f"{type(adapter).__name__}: non-finite loss ({float(per_step[step])}) at epoch {epoch}, step {step}; "
+                f"lower the learning rate (adapter.lr={spec.lr}) or enable gradient clipping (adapter.grad_clip=1.0)"
+            )
+        if epoch == 1:
+            first_loss = float(per_step[0])  # before any update
+        n_steps += len(sizes)
+        losses.append(float((per_step * torch.tensor(sizes, dtype=torch.float64)).sum()) / sum(sizes))
         if select_on_val:
             acc = evaluate(adapter, val)
             val_accs.append(acc)
@@ -184,13 +251,16 @@ def train(
             bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{acc:.1f}")
         else:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    name = type(adapter).__name__
+    moved = max((float((p.detach() - p0).abs().max()) for p, p0 in zip(params, start) if p.numel()), default=0.0)
+    optimisation = check_optimised(name, n_steps, first_loss, losses[-1] if losses else float("nan"), moved=moved)
     if select_on_val and best_state is not None:
         adapter.load_state_dict(best_state)
     adapter.eval()
-    log.info("%s: %d epochs, kept epoch %d (%s)", type(adapter).__name__, spec.epochs, best_epoch,
+    log.info("%s: %d epochs, kept epoch %d (%s)", name, spec.epochs, best_epoch,
              "best val accuracy" if select_on_val else "last")
     return {"spec": asdict(spec), "best_epoch": best_epoch, "selected_by": "val" if select_on_val else "last",
-            "train_loss": losses, "val_acc": val_accs, "mode": mode}
+            "train_loss": losses, "val_acc": val_accs, "mode": mode, "optimisation": optimisation}
 
 
 def seeded_linear(in_features: int, out_features: int, gen: torch.Generator, bias: bool = True
@@ -234,5 +304,5 @@ class TrainsOnFeatures:
 
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         ctx = self.ctx
-        return train(self, view_batches(train_set, self.spec.batch_size), val, self.spec, seed=ctx.seed,
-                     loss_fn=self.loss, progress=ctx.progress, desc=type(self).__name__)
+        return train(self, view_batches(train_set, self.spec.batch_size, self.text_head.device), val, self.spec,
+                     seed=ctx.seed, loss_fn=self.loss, progress=ctx.progress, desc=type(self).__name__)

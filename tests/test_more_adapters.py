@@ -178,6 +178,29 @@ def test_ape_t_before_training_is_tip_adapter_on_all_channels(task):
     assert moved_keys.nonzero().tolist() == [[n, d] for n in range(len(support)) if support.labels[n] == 2]
 
 
+def test_ape_t_affinities_without_building_the_keys_equal_the_keys_formula_with_gradients(task):
+    support, text, _, test = task
+    ape_t = _setup(APET(alpha=1.7, beta=4.0, search=False), support, text)
+    with torch.no_grad():
+        ape_t.residual.copy_(0.1 * torch.randn(ape_t.residual.shape, generator=torch.Generator().manual_seed(0)))
+        ape_t.value_scale.mul_(torch.linspace(0.5, 1.5, len(support)))
+    x = test.features
+    # straightforward: every key rebuilt with its class's residual on the selected channels, all channels used
+    keys = support.keys.clone()
+    keys[:, ape_t.channels] += ape_t.residual[support.labels]
+    tw = text.clone()
+    tw[:, ape_t.channels] += ape_t.residual
+    one_hot = F.one_hot(support.labels, C).float()
+    expected = 100 * x @ tw.t() + 1.7 * torch.exp(-4.0 * (1 - x @ keys.t())) @ (ape_t.value_scale[:, None] * one_hot)
+    logits = ape_t(x)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
+    y = test.labels
+    got = torch.autograd.grad(F.cross_entropy(logits, y), [ape_t.residual, ape_t.value_scale])
+    want = torch.autograd.grad(F.cross_entropy(expected, y), [ape_t.residual, ape_t.value_scale])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_ape_beats_zero_shot_with_a_weak_text_head(task):
     support, text, val, test = task
     ape = _setup(APE(beta_steps=20, alpha_steps=10, gamma_steps=5, alpha_max=20.0), support, text)

@@ -13,7 +13,16 @@ from adapters.clip_adapter import ClipAdapter
 from adapters.linear_probe import LinearProbe
 from adapters.tip import TipAdapter
 from adapters.tip_f import TipAdapterF
-from adapters.training import NonFiniteLossError, TrainSpec, train, view_batches
+from adapters.training import (
+    DegenerateFitError,
+    NonFiniteLossError,
+    NotOptimisedWarning,
+    TrainSpec,
+    check_classifier,
+    check_optimised,
+    train,
+    view_batches,
+)
 from adapters.zero_shot import ZeroShot
 
 C, D = 6, 16
@@ -67,25 +76,43 @@ def test_trainable_adapters_learn_the_task(task, make):
     assert record["selected_by"] == "val" and 1 <= record["best_epoch"] <= adapter.spec.epochs
 
 
+def _sklearn_objective(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
+    """scikit-learn's L2 logistic regression objective, C * sum CE + 1/2 ||W||^2 (intercept not penalised)."""
+    return c * F.cross_entropy(x @ w.t() + b, y, reduction="sum") + 0.5 * w.pow(2).sum()
+
+
 def test_linear_probe_matches_sklearn_and_learns(task):
     from sklearn.linear_model import LogisticRegression
 
     support, text, val, test = task
-    lp = _setup(LinearProbe(c_grid=[0.01, 1.0, 100.0]), support, text)
+    lp = _setup(LinearProbe(c_grid=[0.01, 1.0, 100.0], tol=1e-6, patience=0), support, text)
     record = lp.fit(support, val)
-    x = support.views.reshape(-1, D).numpy()
-    y = support.labels.repeat(3).numpy()
+    x = support.views.reshape(-1, D)
+    y = support.labels.repeat(3)
     accs = {}
     for c in (0.01, 1.0, 100.0):
-        clf = LogisticRegression(C=c, max_iter=1000, random_state=1).fit(x, y)
+        clf = LogisticRegression(C=c, max_iter=10000, tol=1e-8, random_state=1).fit(x.numpy(), y.numpy())
         accs[c] = 100 * float((clf.predict(val.features.numpy()) == val.labels.numpy()).mean())
     best_c = max(accs, key=lambda c: (accs[c], -list(accs).index(c)))
     assert lp.C == best_c
-    clf = LogisticRegression(C=best_c, max_iter=1000, random_state=1).fit(x, y)
-    np.testing.assert_allclose(lp.predict(test.features).numpy(), clf.decision_function(test.features.numpy()),
-                               rtol=1e-4, atol=1e-4)
-    assert accuracy(lp.predict(test.features), test.labels) > 100 / C + 40
     assert list(record["val_acc_per_C"].values()) == pytest.approx(list(accs.values()))
+    clf = LogisticRegression(C=best_c, max_iter=10000, tol=1e-8, random_state=1).fit(x.numpy(), y.numpy())
+    # The optimum is unique: the probe sits at it (autograd gradient of the objective written here is ~0) and is
+    # at least as low as scikit-learn's solution, whose logits it matches.
+    w = lp.linear.weight.detach().clone().double().requires_grad_(True)
+    b = lp.linear.bias.detach().clone().double().requires_grad_(True)
+    value = _sklearn_objective(w, b, x.double(), y, best_c)
+    grads = torch.autograd.grad(value, [w, b])
+    w0 = torch.zeros_like(w, requires_grad=True)
+    zero = torch.autograd.grad(_sklearn_objective(w0, torch.zeros_like(b), x.double(), y, best_c), w0)[0]
+    assert max(float(g.abs().max()) for g in grads) < 1e-4 * float(zero.abs().max())
+    sk_w, sk_b = torch.from_numpy(clf.coef_).double(), torch.from_numpy(clf.intercept_).double()
+    sk = _sklearn_objective(sk_w, sk_b, x.double(), y, best_c)
+    assert float(value.detach()) <= float(sk) + 1e-6 * abs(float(sk))
+    np.testing.assert_allclose(lp.predict(test.features).numpy(), clf.decision_function(test.features.numpy()),
+                               rtol=1e-3, atol=1e-3)
+    assert accuracy(lp.predict(test.features), test.labels) > 100 / C + 40
+    assert record["optimisation"]["status"] == "ok" and record["optimisation"]["iterations"] > 0
 
 
 def test_training_is_seeded_and_selects_on_val_only(task):
@@ -126,3 +153,64 @@ def test_non_finite_loss_stops_with_a_clear_error(task):
 def test_unknown_training_hyperparameter_is_rejected():
     with pytest.raises(TypeError, match="unknown hyperparameters"):
         ClipAdapter(learning_rate=0.1)
+
+
+def test_linear_probe_at_1000_classes_learns_a_task_with_a_known_answer():
+    # 1,000 classes (where scikit-learn's absolute tolerance stopped at iteration 0 with all-zero weights): class
+    # centres + noise, so the best achievable accuracy is the nearest-true-centre rule's, computed here.
+    from conftest import synthetic_features
+
+    from adapters.base import FeatureSplit, SupportSet
+
+    n_cls, dim = 1000, 64
+    keys, labels, means = synthetic_features(n_cls, 4, dim, noise=0.2, seed=0)
+    val = FeatureSplit(*synthetic_features(n_cls, 1, dim, noise=0.2, seed=1, means=means)[:2])
+    test = FeatureSplit(*synthetic_features(n_cls, 3, dim, noise=0.2, seed=2, means=means)[:2])
+    oracle = accuracy(test.features @ means.t(), test.labels)
+    support = SupportSet(keys=keys, labels=labels)
+    text = F.normalize(torch.randn(n_cls, dim, generator=torch.Generator().manual_seed(3)), dim=-1)  # uninformative
+    ctx = AdapterContext(classnames=[f"c{i}" for i in range(n_cls)], text_head=text, support=support, progress=False)
+    lp = LinearProbe(c_grid=[0.1, 10.0])
+    lp.setup(ctx)
+    record = lp.fit(support, val)
+    acc = accuracy(lp.predict(test.features), test.labels)
+    # 4 shots cannot reach the oracle; the nearest mean of the shots is the few-shot yardstick
+    shot_means = F.normalize(torch.zeros(n_cls, dim).index_add_(0, labels, keys), dim=-1)
+    nearest_mean = accuracy(test.features @ shot_means.t(), test.labels)
+    assert oracle > 80 and nearest_mean > 30 and acc > nearest_mean - 5  # chance is 0.1%
+    opt = record["optimisation"]
+    assert opt["iterations"] > 0 and opt["final_loss"] < opt["initial_loss"] == pytest.approx(np.log(n_cls))
+    # A solver that is not allowed to iterate returns the all-zero classifier: refused, with the figures.
+    stuck = LinearProbe(c_grid=[1.0], max_iter=0)
+    stuck.setup(ctx)
+    with pytest.raises(DegenerateFitError, match="same weights"):
+        stuck.fit(support, val)
+
+
+def test_optimisation_checks_fire_with_the_figures():
+    with pytest.raises(DegenerateFitError, match="no iteration"):
+        check_optimised("x", 0, 2.3, 2.3)
+    with pytest.raises(DegenerateFitError, match="never changed"):
+        check_optimised("x", 5, 2.3, 2.2, moved=0.0)
+    with pytest.raises(DegenerateFitError, match="non-finite"):
+        check_optimised("x", 5, 2.3, float("nan"))
+    with pytest.warns(NotOptimisedWarning, match=r"did not decrease \(5 iterations, loss 2.3 -> 2.4"):
+        rec = check_optimised("x", 5, 2.3, 2.4, moved=0.1)
+    assert rec["status"].startswith("warning")
+    assert check_optimised("x", 5, 2.3, 1.0)["status"] == "ok"
+    with pytest.raises(DegenerateFitError, match="NaN or infinite"):
+        check_classifier("x", torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(DegenerateFitError, match="same weights"):
+        check_classifier("x", torch.ones(3, 4), torch.zeros(3))
+    check_classifier("x", torch.ones(3, 4), torch.tensor([0.0, 0.0, 1.0]))  # the bias separates them: fine
+
+
+def test_training_that_cannot_move_is_refused(task):
+    support, text, val, _ = task
+    a = _setup(ClipAdapter(epochs=2, lr=0.0, search=False), support, text)
+    with pytest.raises(DegenerateFitError, match="never changed"):
+        a.fit(support, val)
+    b = _setup(ClipAdapter(epochs=1, search=False), support, text)
+    b.spec.epochs = 0
+    with pytest.raises(DegenerateFitError, match="no iteration"):
+        b.fit(support, val)
