@@ -16,6 +16,7 @@ reference does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext
-from adapters.training import TrainsOnFeatures, train
+from adapters.training import TrainsOnFeatures, TrainSpec, train, view_batches
 
 EPOCHS_BY_SHOTS = {1: 50, 2: 50, 4: 100, 8: 100, 16: 200}
 
@@ -40,16 +41,21 @@ class CoOp(TrainsOnFeatures, Adapter):
         class_token_position: ``end``, ``middle`` or ``front``.
         csc: class-specific context (one context per class) instead of one shared context.
         epochs: 0 picks CoOp's schedule from the number of shots (``epochs_by_shots``).
+        share_prefix: run the prompt positions shared by every class once per step (exact; see
+            ``FrozenClip.encode_prompts_shared_prefix``); off only to check it against the full prompts.
+        feature_batch_size: feature mode: images per step, with the learning rates scaled by the linear rule
+            (``effective_spec``); 0 keeps ``batch_size``.
     """
 
     def __init__(self, n_ctx: int = 16, ctx_init: str = "", class_token_position: str = "end", csc: bool = False,
                  epochs_by_shots: Mapping[int, int] | None = None, share_prefix: bool = True,
-                 **train_kwargs: Any) -> None:
+                 feature_batch_size: int = 0, **train_kwargs: Any) -> None:
         super().__init__()
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"class_token_position must be end, middle or front, got {class_token_position}")
         self.n_ctx, self.ctx_init, self.position, self.csc = int(n_ctx), str(ctx_init), class_token_position, bool(csc)
         self.share_prefix = bool(share_prefix)
+        self.feature_batch_size = int(feature_batch_size)
         self.prefix_len = 0  # prompt positions shared by every class (set by setup; 0: encode the full prompts)
         self.epochs_by_shots = {int(k): int(v) for k, v in (epochs_by_shots or EPOCHS_BY_SHOTS).items()}
         self.init_training(train_kwargs)
@@ -170,6 +176,31 @@ class CoOp(TrainsOnFeatures, Adapter):
         prefix = torch.cat([self.token_sos[:1].expand(b, -1, -1), ctx_vectors,
                             self.token_suffix[:1, :fixed].expand(b, -1, -1)], dim=1)
         return self.ctx.backbone.encode_prompts_shared_prefix(prefix, self.token_suffix[:, fixed:], self.meta_tokens)
+
+    def effective_spec(self) -> TrainSpec:
+        """The schedule feature mode trains with: ``feature_batch_size`` images per text-encoder pass.
+
+        Each step encodes the C class prompts once, whatever the number of images, so larger image batches make an
+        epoch cheaper in proportion. The rule that keeps the schedule comparable is the linear scaling rule: batch
+        x k, learning rates (``lr`` and ``warmup_lr``) x k, the same epochs and warmup epochs (so the same number
+        of passes over the data, with k times fewer, k times larger steps). 0, or a value not above ``batch_size``,
+        keeps the paper's recipe.
+        """
+        b = self.feature_batch_size
+        if b <= self.spec.batch_size:
+            return self.spec
+        k = b / self.spec.batch_size
+        return dataclasses.replace(self.spec, batch_size=b, lr=self.spec.lr * k, warmup_lr=self.spec.warmup_lr * k)
+
+    def fit(self, train_set: Any, val: Any) -> dict[str, Any]:
+        """Feature mode: train on the cached views with ``effective_spec``."""
+        spec = self.effective_spec()
+        record = train(self, view_batches(train_set, spec.batch_size, self.text_head.device), val, spec,
+                       seed=self.ctx.seed, loss_fn=self.loss, progress=self.ctx.progress, desc=type(self).__name__)
+        if spec is not self.spec:
+            record["batch_rule"] = {"paper_batch_size": self.spec.batch_size, "paper_lr": self.spec.lr,
+                                    "rule": "linear scaling: batch and learning rates x k, same epochs"}
+        return record
 
     def new_class_state(self) -> dict[str, torch.Tensor] | None:
         # A shared context transfers to any class name (CoOp's base-to-novel setting); one per class cannot.

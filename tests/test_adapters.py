@@ -95,6 +95,21 @@ def test_alpha_accuracies_equal_brute_force(seed):
         assert fast.tolist() == pytest.approx(slow, abs=1e-9)
 
 
+def test_alpha_accuracies_break_ties_like_argmax():
+    # small integers: many classes share the row maximum, before and after the label; argmax picks the lowest
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randint(0, 3, (300, 12), generator=g).float()
+    cache = torch.randint(0, 3, (300, 12), generator=g).float()
+    labels = torch.randint(0, 12, (300,), generator=g)
+    alphas = torch.tensor([0.0, 0.5, 1.0, 2.0])
+    slow = [accuracy(torch.add(zs, cache, alpha=a), labels) for a in alphas.tolist()]
+    ties = sum(int(((torch.add(zs, cache, alpha=a) == torch.add(zs, cache, alpha=a).amax(1, keepdim=True)).sum(1)
+                    > 1).sum()) for a in alphas.tolist())
+    assert ties > 100  # the case under test does occur
+    for block in (5, 512):
+        assert alpha_accuracies(zs, cache, labels, alphas, block=block).tolist() == pytest.approx(slow, abs=1e-9)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_vectorised_tip_search_equals_the_plain_grid_loop(seed):
     x, y, means = synthetic_features(6, 4, 12, noise=0.9, seed=seed)
