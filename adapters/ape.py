@@ -156,9 +156,11 @@ class APE(Adapter):
         """``exp(beta (A - 1)) (w * L)``, the one-hot L as a per-class sum: ``[B, N] -> [B, C]``."""
         return self.weighted_class_sum(torch.exp(shifted * beta), weights)
 
-    def weighted_class_sum(self, affinity: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``(A * w) L``: ``[B, N] affinities, [N] weights -> [B, C]``."""
-        return class_sum(affinity * weights, self.values, self.text_head.shape[0], self.block)
+    def weighted_class_sum(self, affinity: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+        """``(A * w) L``: ``[B, N] affinities, [N] weights -> [B, C]`` (``out``: a ``[B, N]`` buffer to reuse)."""
+        weighted = affinity * weights if out is None else torch.mul(affinity, weights, out=out)
+        return class_sum(weighted, self.values, self.text_head.shape[0], self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D] -> [B, C]``."""
@@ -200,13 +202,14 @@ class APE(Adapter):
         weights = [self.value_weights(g) for g in gammas]
         alphas = torch.tensor(grid["alpha"], dtype=torch.float32)
         best_acc, best = -1.0, (self.beta, self.alpha, self.gamma)
-        affinity = torch.empty_like(shifted)  # reused: one [Q, N] buffer for every beta
+        # reused [Q, N] buffers: allocating them per beta and gamma costs more than the arithmetic
+        affinity, weighted = torch.empty_like(shifted), torch.empty_like(shifted)
         for beta in grid["beta"]:
             # The exp depends on beta only: once per beta, then one reweighting per gamma (the same operations as
             # cache_logits, so the logits are bit for bit the ones forward produces).
             torch.mul(shifted, beta, out=affinity).exp_()
             # [alpha, gamma] accuracies, flattened alpha-major: the reference's innermost loop is gamma.
-            accs = torch.stack([alpha_accuracies(text, self.weighted_class_sum(affinity, w), labels, alphas)
+            accs = torch.stack([alpha_accuracies(text, self.weighted_class_sum(affinity, w, weighted), labels, alphas)
                                 for w in weights], dim=1).reshape(-1)
             j = int(accs.argmax())  # the first maximum
             if float(accs[j]) > best_acc:

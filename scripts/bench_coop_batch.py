@@ -38,10 +38,14 @@ def main() -> None:
     ap.add_argument("--batches", default="32,256")
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--epochs", type=int, default=0, help="0: CoOp's schedule by shots")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import bench_scale
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from adapters.base import AdapterContext, accuracy
     from caches.backbone import FrozenClip
