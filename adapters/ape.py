@@ -44,6 +44,7 @@ to the paper's tables. Cache keys are the support store's view-averaged keys (th
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -191,6 +192,26 @@ class APE(Adapter):
         grid = self.hparam_grid()
         if not grid:
             return {"method": "fixed", "on": "none"}
+        (self.beta, self.alpha, self.gamma), best_acc, _ = self._search(val, grid)
+        log.info("%s search on val: %s -> %.2f%%", type(self).__name__, self.hparams(), best_acc)
+        size = len(grid["beta"]) * len(grid["alpha"]) * len(grid.get("gamma", [self.gamma]))
+        return {"method": "grid (affinities once, all alphas per beta and gamma)", "on": "val", "grid_size": size,
+                "val_acc": best_acc}
+
+    @torch.no_grad()
+    def estimate_tune_seconds(self, val: FeatureSplit) -> float:
+        """The search's set-up plus ``beta_steps`` times one beta, timed on the first two betas."""
+        grid = self.hparam_grid()
+        if not grid:
+            return 0.0
+        _, _, timing = self._search(val, grid, n_betas=2)
+        return timing["prepare_s"] + len(grid["beta"]) * timing["per_beta_s"]
+
+    def _search(self, val: FeatureSplit, grid: dict[str, list[float]], n_betas: int | None = None
+                ) -> tuple[tuple[float, float, float], float, dict[str, float]]:
+        """The first best ``(beta, alpha, gamma)`` over the grid (or its first ``n_betas`` betas), its accuracy and
+        timings."""
+        start = time.perf_counter()
         was_training = self.training
         self.eval()
         feats = val.features.to(self.text_head.device).float()
@@ -201,10 +222,12 @@ class APE(Adapter):
         gammas = grid.get("gamma", [self.gamma])
         weights = [self.value_weights(g) for g in gammas]
         alphas = torch.tensor(grid["alpha"], dtype=torch.float32)
-        best_acc, best = -1.0, (self.beta, self.alpha, self.gamma)
         # reused [Q, N] buffers: allocating them per beta and gamma costs more than the arithmetic
         affinity, weighted = torch.empty_like(shifted), torch.empty_like(shifted)
-        for beta in grid["beta"]:
+        prepared = time.perf_counter()
+        best_acc, best = -1.0, (self.beta, self.alpha, self.gamma)
+        betas = grid["beta"][:n_betas] if n_betas else grid["beta"]
+        for beta in betas:
             # The exp depends on beta only: once per beta, then one reweighting per gamma (the same operations as
             # cache_logits, so the logits are bit for bit the ones forward produces).
             torch.mul(shifted, beta, out=affinity).exp_()
@@ -215,12 +238,9 @@ class APE(Adapter):
             if float(accs[j]) > best_acc:
                 best_acc = float(accs[j])
                 best = (beta, grid["alpha"][j // len(gammas)], gammas[j % len(gammas)])
-        self.beta, self.alpha, self.gamma = best
         self.train(was_training)
-        log.info("%s search on val: %s -> %.2f%%", type(self).__name__, self.hparams(), best_acc)
-        size = len(grid["beta"]) * len(grid["alpha"]) * len(gammas)
-        return {"method": "grid (affinities once, all alphas per beta and gamma)", "on": "val", "grid_size": size,
-                "val_acc": best_acc}
+        timing = {"prepare_s": prepared - start, "per_beta_s": (time.perf_counter() - prepared) / max(1, len(betas))}
+        return best, best_acc, timing
 
 
 class APET(TrainsOnFeatures, APE):

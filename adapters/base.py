@@ -15,6 +15,7 @@ is ``"pixels"``) to ``[B, C]`` float32 logits. The backbone is never registered 
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,6 +156,31 @@ class Adapter(nn.Module, ABC):
         from adapters.tuning import grid_search
 
         return grid_search(self, val)
+
+    # ------------------------------------------------------------------ cost model (adapter=auto's budget)
+    def estimate_fit_seconds(self, train: SupportSet, val: FeatureSplit) -> float:
+        """Predicted seconds of ``fit(train, val)`` + ``tune(val)`` on this machine, called after ``setup``.
+
+        From the data sizes and a short probe run that leaves the adapter as it was. The default suits adapters
+        whose ``fit`` does nothing (their work is in ``setup``): the search's cost. Trainable adapters override it.
+        """
+        return self.estimate_tune_seconds(val)
+
+    def estimate_tune_seconds(self, val: FeatureSplit) -> float:
+        """Predicted seconds of ``tune(val)``: one val evaluation (timed once) per point of ``hparam_grid()``."""
+        grid = self.hparam_grid()
+        if not grid:
+            return 0.0
+        points = 1
+        for values in grid.values():
+            points *= len(values)
+        return points * self.estimate_eval_seconds(val)
+
+    def estimate_eval_seconds(self, val: FeatureSplit) -> float:
+        """Seconds of one evaluation on ``val`` (timed)."""
+        start = time.perf_counter()
+        evaluate(self, val)
+        return time.perf_counter() - start
 
     # ------------------------------------------------------------------ shared pieces
     def zero_shot_logits(self, features: torch.Tensor) -> torch.Tensor:

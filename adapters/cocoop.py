@@ -12,12 +12,13 @@ far slower than CoOp.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from adapters.base import AdapterContext
+from adapters.base import AdapterContext, FeatureSplit
 from adapters.coop import CoOp
 from adapters.training import seeded_linear
 
@@ -39,6 +40,12 @@ class CoCoOp(CoOp):
         hidden = max(1, d // 16)
         first, second = seeded_linear(d, hidden, gen), seeded_linear(hidden, width, gen)
         self.meta_net = nn.Sequential(first, nn.ReLU(), second).to(ctx.device)
+
+    def estimate_eval_seconds(self, val: FeatureSplit, sample: int = 8) -> float:
+        """Every image has its own prompts, so an evaluation costs ``len(val)`` times one image's: timed on a few."""
+        start = time.perf_counter()
+        self.predict(val.features[:sample])
+        return (time.perf_counter() - start) * len(val) / max(1, min(sample, len(val)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` -> ``[B, C]``; the text encoder runs on B x C prompts, ``chunk`` images per call."""

@@ -187,10 +187,13 @@ class CoOp(TrainsOnFeatures, Adapter):
         keeps the paper's recipe.
         """
         b = self.feature_batch_size
-        if b <= self.spec.batch_size:
+        if b <= self.spec.batch_size or self.input_kind != "features":
             return self.spec
         k = b / self.spec.batch_size
         return dataclasses.replace(self.spec, batch_size=b, lr=self.spec.lr * k, warmup_lr=self.spec.warmup_lr * k)
+
+    def training_spec(self) -> TrainSpec:
+        return self.effective_spec()
 
     def fit(self, train_set: Any, val: Any) -> dict[str, Any]:
         """Feature mode: train on the cached views with ``effective_spec``."""

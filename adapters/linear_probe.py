@@ -45,6 +45,7 @@ from adapters.training import NotOptimisedWarning, check_classifier, check_optim
 log = logging.getLogger(__name__)
 
 ABSENT_BIAS = -1e4  # classes with no support sample never win
+EVALUATIONS_PER_C = 30  # cost model: objective evaluations per C along a warm-started path (measured: see README)
 STALL_TOL = 1e-2  # a line-search stop with a relative gradient above this is a failure, not float32 precision
 
 
@@ -145,6 +146,19 @@ class LinearProbe(Adapter):
 
     def hparams(self) -> dict[str, Any]:
         return {"C": self.C}
+
+    @torch.no_grad()
+    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit) -> float:
+        """One objective evaluation (timed) x ``EVALUATIONS_PER_C`` x the C values (warm-started L-BFGS)."""
+        dev = self.text_head.device
+        x, y = support_samples(train_set, self.use_views)
+        k = int(torch.unique(y).numel())
+        objective = LogisticObjective(x.float().to(dev), torch.unique(y, return_inverse=True)[1].to(dev), k,
+                                      self.chunk)
+        w = torch.zeros(k, x.shape[1], device=dev)
+        start = time.perf_counter()
+        objective(w, w.new_zeros(k))
+        return (time.perf_counter() - start) * EVALUATIONS_PER_C * len(self.c_grid)
 
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         """Fit the C path (warm-started); keep the C with the best val accuracy (the smaller C on ties)."""

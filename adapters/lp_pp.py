@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import torch
@@ -143,6 +144,18 @@ class LPPlusPlus(Adapter):
             g_b += p.sum(dim=0)
         m = x.shape[0]
         return total / m, g_raw / m, g_b / m, (g_raw * self.text_head).sum(dim=1) / m
+
+    @torch.no_grad()
+    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit) -> float:
+        """``epochs`` x one full-batch loss and gradient (timed) plus a val evaluation when selecting on val."""
+        dev = self.text_head.device
+        x, y = support_samples(train_set, self.use_views)
+        start = time.perf_counter()
+        self.loss_and_grads(x.float().to(dev), y.to(dev))
+        per_epoch = time.perf_counter() - start
+        if self.select == "best_val" and val is not None and len(val) > 0:
+            per_epoch += self.estimate_eval_seconds(val)
+        return self.epochs * per_epoch
 
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         """Block-coordinate descent, full batch; keep the best val epoch (or the last)."""

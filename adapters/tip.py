@@ -11,6 +11,7 @@ instead of a dense ``[N, C]`` matmul. alpha and beta are searched on val only, o
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -153,6 +154,24 @@ class TipAdapter(Adapter):
         grid = self.hparam_grid()
         if not grid:
             return {"method": "fixed", "on": "none"}
+        (self.beta, self.alpha), best_acc, _ = self._search(val, grid)
+        log.info("Tip-Adapter search on val: beta=%.3f alpha=%.3f -> %.2f%%", self.beta, self.alpha, best_acc)
+        return {"method": "grid (affinities once, all alphas per beta)", "on": "val",
+                "grid_size": len(grid["beta"]) * len(grid["alpha"]), "val_acc": best_acc}
+
+    @torch.no_grad()
+    def estimate_tune_seconds(self, val: FeatureSplit) -> float:
+        """The search's set-up plus ``beta_steps`` times one beta, timed on the first two betas."""
+        grid = self.hparam_grid()
+        if not grid:
+            return 0.0
+        _, _, timing = self._search(val, grid, n_betas=2)
+        return timing["prepare_s"] + len(grid["beta"]) * timing["per_beta_s"]
+
+    def _search(self, val: FeatureSplit, grid: dict[str, list[float]], n_betas: int | None = None
+                ) -> tuple[tuple[float, float], float, dict[str, float]]:
+        """The first best ``(beta, alpha)`` over the grid (or its first ``n_betas`` betas), its accuracy, timings."""
+        start = time.perf_counter()
         feats = val.features.to(self.text_head.device).float()
         labels = val.labels.to(feats.device)
         n_cls = self.text_head.shape[0]
@@ -162,8 +181,10 @@ class TipAdapter(Adapter):
         starts = range(0, feats.shape[0], self.chunk)
         shifted = [feats[i : i + self.chunk] @ self.keys.t() - 1.0 for i in starts] if keep else None
         buf = torch.empty_like(shifted[0]) if shifted else None  # reused: no 100s-of-MB allocation per beta
+        prepared = time.perf_counter()
         best_acc, best = -1.0, (self.beta, self.alpha)
-        for beta in grid["beta"]:
+        betas = grid["beta"][:n_betas] if n_betas else grid["beta"]
+        for beta in betas:
             if shifted is None:
                 cache = self.cache_logits(feats, beta)
             else:
@@ -174,7 +195,5 @@ class TipAdapter(Adapter):
             j = int(accs.argmax())  # first maximum: lowest alpha among ties
             if float(accs[j]) > best_acc:
                 best_acc, best = float(accs[j]), (beta, grid["alpha"][j])
-        self.beta, self.alpha = best
-        log.info("Tip-Adapter search on val: beta=%.3f alpha=%.3f -> %.2f%%", self.beta, self.alpha, best_acc)
-        return {"method": "grid (affinities once, all alphas per beta)", "on": "val",
-                "grid_size": len(grid["beta"]) * len(grid["alpha"]), "val_acc": best_acc}
+        timing = {"prepare_s": prepared - start, "per_beta_s": (time.perf_counter() - prepared) / max(1, len(betas))}
+        return best, best_acc, timing

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -189,11 +190,7 @@ def train(
     groups = groups_fn() if groups_fn is not None else [{"params": params}]
     for g in groups:
         g.setdefault("lr", spec.lr)
-    if spec.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    else:
-        opt = torch.optim.AdamW(groups, lr=spec.lr, eps=spec.eps, betas=tuple(spec.betas),
-                                weight_decay=spec.weight_decay)
+    opt = _optimizer(groups, spec)
     gen = torch.Generator().manual_seed(seed)
     steps = max(1, steps_per_epoch or sum(1 for _ in batches(0, torch.Generator().manual_seed(seed))))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -263,6 +260,51 @@ def train(
             "train_loss": losses, "val_acc": val_accs, "mode": mode, "optimisation": optimisation}
 
 
+def _optimizer(groups: list[dict[str, Any]], spec: TrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(groups, lr=spec.lr, eps=spec.eps, betas=tuple(spec.betas),
+                             weight_decay=spec.weight_decay)
+
+
+def probe_step_seconds(adapter: Adapter, batches: Batches, spec: TrainSpec,
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                       steps: int = 2) -> float:
+    """Seconds per training step of ``train``, measured on a few real steps, then undone.
+
+    One untimed step (first-call allocations), then ``steps`` timed ones, each the same work as a step of ``train``
+    (forward, loss, backward, optimiser step); the adapter's state and train/eval mode are restored afterwards.
+    """
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    saved = {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+    was_training = adapter.training
+    loss_fn = loss_fn or F.cross_entropy
+    opt = _optimizer([{"params": params}], spec)
+    device = params[0].device
+    it = batches(1, torch.Generator().manual_seed(0))
+    elapsed, timed = 0.0, 0
+    adapter.train()
+    try:
+        for i, (x, y) in enumerate(it):
+            if i > steps:
+                break
+            start = time.perf_counter()
+            x, y = x.to(device), y.to(device)
+            loss = loss_fn(adapter(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            float(loss.detach())  # wait for the device
+            if i > 0:
+                elapsed, timed = elapsed + time.perf_counter() - start, timed + 1
+    finally:
+        adapter.load_state_dict(saved)
+        for p in params:
+            p.grad = None
+        adapter.train(was_training)
+    return elapsed / timed if timed else 0.0
+
+
 def seeded_linear(in_features: int, out_features: int, gen: torch.Generator, bias: bool = True
                   ) -> torch.nn.Linear:
     """``nn.Linear`` with PyTorch's default bounds, U(-1/sqrt(in), 1/sqrt(in)), drawn from a local generator."""
@@ -302,7 +344,21 @@ class TrainsOnFeatures:
         """``[B, C], [B] -> scalar``: cross-entropy unless a method adds terms."""
         return F.cross_entropy(logits, labels)
 
+    def training_spec(self) -> TrainSpec:
+        """The spec ``fit`` trains with (prompt learners may scale their batch in feature mode)."""
+        return self.spec
+
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         ctx = self.ctx
         return train(self, view_batches(train_set, self.spec.batch_size, self.text_head.device), val, self.spec,
                      seed=ctx.seed, loss_fn=self.loss, progress=ctx.progress, desc=type(self).__name__)
+
+    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit) -> float:
+        """epochs x (steps per epoch x a probed step + one val evaluation when selecting on val) + the search."""
+        spec = self.training_spec()
+        step_s = probe_step_seconds(self, view_batches(train_set, spec.batch_size, self.text_head.device), spec,
+                                    loss_fn=self.loss)
+        steps = math.ceil(len(train_set) / spec.batch_size) * spec.epochs
+        on_val = spec.select == "best_val" and val is not None and len(val) > 0
+        return steps * step_s + (spec.epochs * self.estimate_eval_seconds(val) if on_val else 0.0) + \
+            self.estimate_tune_seconds(val)

@@ -64,6 +64,9 @@ SCALES = {
     "a": {"classes": 1000, "shots": 16, "views": 10, "dim": 1024, "val": 4, "test": 50_000, "noise": 0.2,
           "text_noise": 0.045, "prompt_noise": 3.0, "tower": "RN50"},
 }
+# At the ImageNet-like scale, APE searches the reference's ImageNet grid (yangyangyang127/APE configs/imagenet.yaml:
+# search_scale [7, 7, 0.5], search_step [200, 20, 5]) instead of the 20 gammas most datasets use.
+SCALE_OVERRIDES = {"a": {"ape": {"gamma_max": 0.5, "gamma_steps": 5}}}
 FEATURE_ADAPTERS = ["zero_shot", "tip", "gda", "ape", "lp_pp", "linear_probe", "clap", "tip_f", "clip_adapter",
                     "taskres", "ape_t"]
 PROMPT_ADAPTERS = ["coop", "kgcoop", "cocoop"]
@@ -235,7 +238,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"scale": args.scale, "adapter": name, "bayes": data["bayes"],
                            "nearest_mean": data["nearest_mean"], "data_s": time.perf_counter() - t0,
                            "threads": torch.get_num_threads()}
-    overrides = json.loads(args.overrides) if args.overrides else {}
+    overrides = {**SCALE_OVERRIDES.get(args.scale, {}).get(name, {}),
+                 **(json.loads(args.overrides).get(name, {}) if args.overrides else {})}
+    row["overrides"] = overrides
     adapter = make_adapter(name, overrides)
     import gc
 
@@ -341,7 +346,7 @@ def main() -> None:
                     help="assumed sustained GPU rate for the prompt learners' projection (float32/TF32)")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per child")
     ap.add_argument("--json", default="", help="also write the rows to this JSON file")
-    ap.add_argument("--overrides", default="", help="JSON of YAML field overrides for every adapter")
+    ap.add_argument("--overrides", default="", help='YAML field overrides per adapter, JSON: {"coop": {"epochs": 50}}')
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--scale", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
