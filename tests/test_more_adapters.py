@@ -404,3 +404,38 @@ def test_trainable_adapters_lower_their_loss_and_learn_the_task(task, name):
     assert record["train_loss"][-1] < record["train_loss"][0]
     acc = accuracy(adapter.predict(test.features), test.labels)
     assert acc > 100.0 / C + 40 and acc > _zero_shot_accuracy(support, text, test) + 10
+
+
+# ---------------------------------------------------------------------------------------------------- cost model
+@pytest.mark.parametrize("make", [
+    lambda: TipAdapter(beta_steps=10, alpha_steps=4),
+    lambda: APE(beta_steps=10, alpha_steps=4, gamma_steps=3),
+    lambda: GDA(),
+    lambda: LPPlusPlus(epochs=50),
+    lambda: TaskRes(epochs=30, batch_size=16),
+    lambda: CLAP(epochs=30, batch_size=16),
+    lambda: APET(epochs=5, batch_size=16, beta_steps=10, alpha_steps=4),
+], ids=["tip", "ape", "gda", "lp_pp", "taskres", "clap", "ape_t"])
+def test_fit_cost_probes_leave_the_adapter_as_it_was(task, make):
+    from adapters.linear_probe import LinearProbe
+
+    support, text, val, test = task
+    for adapter in (_setup(make(), support, text), _setup(LinearProbe(c_grid=[0.1, 1.0]), support, text)):
+        before = {k: v.clone() for k, v in adapter.state_dict().items()}
+        hparams, logits = adapter.hparams(), adapter.predict(test.features)
+        seconds = adapter.estimate_fit_seconds(support, val)
+        assert 0 < seconds < 600 and np.isfinite(seconds)
+        assert adapter.hparams() == hparams
+        for k, v in adapter.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        torch.testing.assert_close(adapter.predict(test.features), logits, rtol=0, atol=0)
+
+
+def test_a_training_cost_is_epochs_times_probed_steps(task, monkeypatch):
+    import adapters.training as training
+
+    support, text, val, _ = task
+    monkeypatch.setattr(training, "probe_step_seconds", lambda *a, **k: 0.5)
+    adapter = _setup(TaskRes(epochs=10, batch_size=16, select="last"), support, text)
+    steps = -(-len(support) // 16)  # ceil: batches of 16 per epoch
+    assert adapter.estimate_fit_seconds(support, val) == pytest.approx(10 * steps * 0.5)

@@ -125,3 +125,28 @@ def test_cocoop_shared_prefix_batches_images_and_matches_per_image_prompts(tiny)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
         for g, e in zip(torch.autograd.grad(F.cross_entropy(logits, y), params(a)), exp_grads):
             assert float((g - e).abs().max()) <= 1e-4 * float(e.abs().max())  # float rounding only
+
+
+def test_feature_batch_size_scales_the_learning_rates_linearly(tiny):
+    support, val, _ = prompt_task(tiny, NAMES)
+    coop = _setup(CoOp(epochs=3, batch_size=8, lr=0.002, warmup_epochs=1, warmup_lr=1e-5, feature_batch_size=32),
+                  tiny, support)
+    spec = coop.effective_spec()
+    assert (spec.batch_size, spec.lr, spec.warmup_lr, spec.epochs, spec.warmup_epochs) == (32, 0.008, 4e-5, 3, 1)
+    assert coop.spec.batch_size == 8 and coop.spec.lr == 0.002  # the paper's recipe is kept as given
+    record = coop.fit(support, val)
+    assert record["batch_rule"]["paper_batch_size"] == 8
+    assert record["optimisation"]["iterations"] == 3 * -(-len(support) // 32)
+    assert _setup(CoOp(batch_size=32, feature_batch_size=16), tiny).effective_spec().batch_size == 32  # never smaller
+
+
+def test_prompt_learner_cost_probe_leaves_the_context_unchanged(tiny):
+    support, val, test = prompt_task(tiny, NAMES)
+    for adapter in (_setup(CoOp(epochs=4, batch_size=16), tiny, support),
+                    _setup(CoCoOp(epochs=2, batch_size=4), tiny, support)):
+        before = {k: v.clone() for k, v in adapter.state_dict().items()}
+        logits = adapter.predict(test.features)
+        assert adapter.estimate_fit_seconds(support, val) > 0
+        for k, v in adapter.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        torch.testing.assert_close(adapter.predict(test.features), logits, rtol=0, atol=0)
