@@ -17,12 +17,23 @@ Scores by shots (K per class, val holds min(K, 4) images per class):
 
 Only feature-mode candidates are allowed (pixel-mode prompt learners cost 100x more per fit); ``auto`` itself
 is a feature-mode adapter.
+
+**Budget.** ``budget_s`` bounds the seconds ``auto`` spends (set-ups, cost probes and fits, cross-validation folds
+included). Before fitting a candidate, ``auto`` sets it up and asks its cost model
+(``Adapter.estimate_fit_seconds``: the data sizes and a short probe run on this machine: a few training steps, one
+search step, one objective evaluation) how long fit + tune would take; a candidate predicted to need more than what
+is left of the budget is skipped, and ``result.json`` records the prediction and the reason
+(``selection.fit.candidates.<name>.skipped``, ``selection.fit.skipped``). The first candidate is always fitted, so
+``auto`` always has an answer. The same budget admits more candidates on a faster machine or a GPU, since the probes
+run there; prompt learners (CoOp's text encoder runs every step) join only when it allows them. Each fitted
+candidate is dropped as soon as it is scored unless it is the best so far.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = ("zero_shot", "tip", "gda", "ape", "lp_pp", "linear_probe", "clap", "tip_f", "clip_adapter", "taskres",
               "coop")
+BUDGET_S = 1200.0  # sensible on a 2-core CPU at ImageNet scale; a GPU fits more candidates in the same time
 
 
 def make_adapter(name: str, overrides: Mapping[str, Any] | None = None) -> Adapter:
@@ -73,15 +85,18 @@ class Auto(Adapter):
         candidates: adapter names, cheapest first (ties keep the earlier one).
         cv_max_shots: largest K at which val is pooled with a K-fold cross-validation on the support set.
         overrides: per-candidate YAML field overrides, e.g. ``{coop: {epochs: 50}}``.
+        budget_s: seconds ``auto`` may spend; candidates predicted not to fit in what is left are skipped
+            (0 or less: no budget, every candidate is fitted).
     """
 
     def __init__(self, candidates: Sequence[str] = CANDIDATES, cv_max_shots: int = 2,
-                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None, budget_s: float = BUDGET_S) -> None:
         super().__init__()
         if not candidates:
             raise ValueError("auto needs at least one candidate adapter")
         self.candidates = [str(c) for c in candidates]
         self.cv_max_shots = int(cv_max_shots)
+        self.budget_s = float(budget_s)
         self.overrides = {str(k): dict(v) for k, v in (overrides or {}).items()}
         self.chosen: nn.Module | None = None
         self._choice: str | None = None
@@ -129,14 +144,32 @@ class Auto(Adapter):
         shots = len(train) // max(1, ctx.n_classes)
         use_cv = 2 <= shots <= self.cv_max_shots
         folds = _shot_folds(train.labels) if use_cv else None
+        budget = self.budget_s if self.budget_s > 0 else math.inf
+        start = time.perf_counter()
         records: dict[str, dict[str, Any]] = {}
-        fitted: dict[str, Adapter] = {}
-        for name in self.candidates:
+        skipped: dict[str, str] = {}
+        best: tuple[float, str, Adapter] | None = None
+        for i, name in enumerate(self.candidates):
             t = time.perf_counter()
-            adapter = self._fit(name, ctx, train, val)
+            adapter = self._candidate(name, ctx)
+            left = budget - (time.perf_counter() - start)
+            # the fit on the whole support plus, with cross-validation, one per fold (on fewer shots)
+            n_fits = 1 + (shots if use_cv else 0)
+            predicted = adapter.estimate_fit_seconds(train, val, limit_s=left / n_fits) * n_fits
+            rec: dict[str, Any] = {"cost": type(adapter).cost, "predicted_s": round(predicted, 3),
+                                   "setup_and_probe_s": round(time.perf_counter() - t, 3)}
+            if i > 0 and predicted > left:
+                rec["skipped"] = skipped[name] = (f"predicted {predicted:.0f} s for fit + tune, more than the "
+                                                  f"{max(left, 0.0):.0f} s left of budget_s={self.budget_s:g}")
+                records[name] = rec
+                log.info("auto: skipping %s: %s", name, rec["skipped"])
+                del adapter
+                continue
+            adapter.fit(train, val)
+            adapter.tune(val)
             logits, labels = predict_split(adapter, val)
             correct, total = int((logits.argmax(-1) == labels).sum()), len(labels)
-            rec: dict[str, Any] = {"val_acc": 100.0 * correct / total, "cost": type(adapter).cost}
+            rec["val_acc"] = 100.0 * correct / total
             if use_cv:
                 cv_correct, cv_total = 0, 0
                 for f in range(shots):
@@ -146,6 +179,7 @@ class Auto(Adapter):
                     # shot must be absent from both.
                     part = self._fit(name, dataclasses.replace(ctx, support=rest), rest, val)
                     cv_logits = part.predict(train.keys[held])
+                    del part
                     cv_correct += int((cv_logits.argmax(-1) == train.labels[held]).sum())
                     cv_total += int(held.sum())
                 rec["cv_acc"] = 100.0 * cv_correct / cv_total
@@ -153,14 +187,17 @@ class Auto(Adapter):
             rec["score"] = 100.0 * correct / total
             rec["seconds"] = time.perf_counter() - t
             records[name] = rec
-            fitted[name] = adapter
-            log.info("auto: %s score %.2f%% (val %.2f%%)", name, rec["score"], rec["val_acc"])
-        best = max(self.candidates, key=lambda n: (records[n]["score"], -self.candidates.index(n)))
-        self._choice, self.chosen = best, fitted[best]
+            log.info("auto: %s score %.2f%% (val %.2f%%), %.1f s (predicted %.1f s)", name, rec["score"],
+                     rec["val_acc"], rec["seconds"], predicted)
+            if best is None or rec["score"] > best[0]:  # strict: ties keep the candidate listed first
+                best = (rec["score"], name, adapter)  # the previous best is dropped here
+            del adapter
+        _, self._choice, self.chosen = best
         rule = "val accuracy pooled with a support-set cross-validation" if use_cv else "val accuracy"
-        log.info("auto: chose %s (%s %.2f%%)", best, rule, records[best]["score"])
-        return {"chosen": best, "rule": rule + "; ties keep the candidate listed first (cheaper)",
-                "candidates": records}
+        log.info("auto: chose %s (%s %.2f%%)", self._choice, rule, records[self._choice]["score"])
+        return {"chosen": self._choice, "rule": rule + "; ties keep the candidate listed first (cheaper)",
+                "candidates": records, "budget_s": self.budget_s, "skipped": skipped,
+                "seconds": round(time.perf_counter() - start, 3)}
 
     def tune(self, val: FeatureSplit) -> dict[str, Any]:
         # Each candidate was tuned on val inside ``fit``; nothing is left to search.

@@ -15,6 +15,7 @@ is ``"pixels"``) to ``[B, C]`` float32 logits. The backbone is never registered 
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -158,10 +159,11 @@ class Adapter(nn.Module, ABC):
         return grid_search(self, val)
 
     # ------------------------------------------------------------------ cost model (adapter=auto's budget)
-    def estimate_fit_seconds(self, train: SupportSet, val: FeatureSplit) -> float:
+    def estimate_fit_seconds(self, train: SupportSet, val: FeatureSplit, limit_s: float = math.inf) -> float:
         """Predicted seconds of ``fit(train, val)`` + ``tune(val)`` on this machine, called after ``setup``.
 
-        From the data sizes and a short probe run that leaves the adapter as it was. The default suits adapters
+        From the data sizes and a short probe run that leaves the adapter as it was. A probe may stop early once
+        the prediction clearly exceeds ``limit_s`` (it then returns a value above it). The default suits adapters
         whose ``fit`` does nothing (their work is in ``setup``): the search's cost. Trainable adapters override it.
         """
         return self.estimate_tune_seconds(val)

@@ -29,6 +29,7 @@ as 2C there).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -148,7 +149,7 @@ class LinearProbe(Adapter):
         return {"C": self.C}
 
     @torch.no_grad()
-    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit) -> float:
+    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit, limit_s: float = math.inf) -> float:
         """One objective evaluation (timed) x ``EVALUATIONS_PER_C`` x the C values (warm-started L-BFGS)."""
         dev = self.text_head.device
         x, y = support_samples(train_set, self.use_views)

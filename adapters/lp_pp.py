@@ -146,7 +146,7 @@ class LPPlusPlus(Adapter):
         return total / m, g_raw / m, g_b / m, (g_raw * self.text_head).sum(dim=1) / m
 
     @torch.no_grad()
-    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit) -> float:
+    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit, limit_s: float = math.inf) -> float:
         """``epochs`` x one full-batch loss and gradient (timed) plus a val evaluation when selecting on val."""
         dev = self.text_head.device
         x, y = support_samples(train_set, self.use_views)

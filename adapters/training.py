@@ -269,11 +269,12 @@ def _optimizer(groups: list[dict[str, Any]], spec: TrainSpec) -> torch.optim.Opt
 
 def probe_step_seconds(adapter: Adapter, batches: Batches, spec: TrainSpec,
                        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                       steps: int = 2) -> float:
+                       steps: int = 2, stop_above: float = math.inf) -> float:
     """Seconds per training step of ``train``, measured on a few real steps, then undone.
 
     One untimed step (first-call allocations), then ``steps`` timed ones, each the same work as a step of ``train``
     (forward, loss, backward, optimiser step); the adapter's state and train/eval mode are restored afterwards.
+    When the first step alone takes more than ``stop_above`` seconds, its time is returned at once.
     """
     params = [p for p in adapter.parameters() if p.requires_grad]
     saved = {k: v.detach().clone() for k, v in adapter.state_dict().items()}
@@ -297,6 +298,8 @@ def probe_step_seconds(adapter: Adapter, batches: Batches, spec: TrainSpec,
             float(loss.detach())  # wait for the device
             if i > 0:
                 elapsed, timed = elapsed + time.perf_counter() - start, timed + 1
+            elif time.perf_counter() - start > stop_above:
+                return time.perf_counter() - start
     finally:
         adapter.load_state_dict(saved)
         for p in params:
@@ -353,12 +356,12 @@ class TrainsOnFeatures:
         return train(self, view_batches(train_set, self.spec.batch_size, self.text_head.device), val, self.spec,
                      seed=ctx.seed, loss_fn=self.loss, progress=ctx.progress, desc=type(self).__name__)
 
-    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit) -> float:
+    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit, limit_s: float = math.inf) -> float:
         """epochs x (steps per epoch x a probed step + one val evaluation when selecting on val) + the search."""
         spec = self.training_spec()
-        step_s = probe_step_seconds(self, view_batches(train_set, spec.batch_size, self.text_head.device), spec,
-                                    loss_fn=self.loss)
         steps = math.ceil(len(train_set) / spec.batch_size) * spec.epochs
+        step_s = probe_step_seconds(self, view_batches(train_set, spec.batch_size, self.text_head.device), spec,
+                                    loss_fn=self.loss, stop_above=limit_s / max(1, steps))
         on_val = spec.select == "best_val" and val is not None and len(val) > 0
         return steps * step_s + (spec.epochs * self.estimate_eval_seconds(val) if on_val else 0.0) + \
             self.estimate_tune_seconds(val)

@@ -159,3 +159,46 @@ def test_a_saved_auto_run_restores_its_winner(tmp_path):
     x, y = stores["test"].keys(), stores["test"].labels()
     assert fresh.choice == res["hparams"]["choice"]
     assert accuracy(fresh.predict(x), y) == pytest.approx(res["test_acc"])
+
+
+def test_the_budget_skips_candidates_predicted_not_to_fit_and_says_why(monkeypatch):
+    from adapters.gda import GDA
+    from adapters.tip import TipAdapter
+
+    support, text, val = _task(shots=8)
+    monkeypatch.setattr(TipAdapter, "estimate_fit_seconds", lambda self, *a, **k: 1e6)
+    monkeypatch.setattr(GDA, "estimate_fit_seconds", lambda self, *a, **k: 0.5)
+    auto = _setup(Auto(candidates=["zero_shot", "tip", "gda"], budget_s=60), support, text)
+    record = auto.fit(support, val)
+    cands = record["candidates"]
+    assert set(record["skipped"]) == {"tip"} and "score" not in cands["tip"]
+    assert "predicted 1000000 s" in cands["tip"]["skipped"] and "budget_s=60" in cands["tip"]["skipped"]
+    assert cands["tip"]["predicted_s"] == 1e6 and cands["gda"]["predicted_s"] == 0.5 and "score" in cands["gda"]
+    assert auto.choice in ("zero_shot", "gda")
+    # the first candidate is fitted whatever its prediction, so auto always has an answer
+    monkeypatch.setattr(TipAdapter, "estimate_fit_seconds", lambda self, *a, **k: 1e6)
+    only = _setup(Auto(candidates=["tip", "gda"], budget_s=1), support, text).fit(support, val)
+    assert "score" in only["candidates"]["tip"] and only["chosen"] in ("tip", "gda")
+    # no budget: every candidate runs
+    assert not _setup(Auto(candidates=["zero_shot", "tip"], budget_s=0), support, text).fit(support, val)["skipped"]
+
+
+def test_only_the_best_candidate_so_far_stays_in_memory(monkeypatch):
+    import gc
+    import weakref
+
+    support, text, val = _task(shots=8)
+    auto = _setup(Auto(candidates=["zero_shot", "tip", "gda", "linear_probe"]), support, text)
+    made = []
+    original = Auto._candidate
+
+    def tracked(self, name, ctx):
+        adapter = original(self, name, ctx)
+        made.append((name, weakref.ref(adapter)))
+        return adapter
+
+    monkeypatch.setattr(Auto, "_candidate", tracked)
+    auto.fit(support, val)
+    gc.collect()
+    alive = [name for name, ref in made if ref() is not None]
+    assert alive == [auto.choice]
