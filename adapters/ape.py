@@ -34,7 +34,9 @@ taken on all channels, as the reference's training code does: ``logits = 100 f t
 beta = 1, alpha = 2 while training (the reference's most common per-dataset values; ImageNet uses lr 1e-4 and 20
 epochs), channels chosen with ``w_training = (0.2, 0.8)``; the epoch is chosen on val, then (beta, alpha) are
 searched on val. In the released code the APE-T call is commented out and its criterion call does not match its
-residual's size, so this follows the paper's description and the ``APE_Training`` module.
+residual's size, so this follows the paper's description and the ``APE_Training`` module. The residual's effect on
+the cache affinities is computed as ``f K^T + (f_S R^T)[:, labels]`` instead of rebuilding the ``[N, D]`` keys every
+step (the same value; the fixed keys then need no gradient).
 
 **Text head.** The reference builds its text classifier from GPT-3 (CuPL) descriptions; fewclip uses the same text
 head as every other adapter (the run's templates), so the numbers here are comparable to the other methods and not

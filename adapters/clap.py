@@ -30,6 +30,9 @@ the support set; here each epoch takes one cached augmented view per support ima
 over all cached views. **No validation set**: ``fit`` never reads it and nothing is searched; the runner's val
 accuracy is reporting only.
 
+The multipliers are computed once per support set, in row blocks (``setup`` computes them; ``fit`` on the same set
+reuses them).
+
 Scale: the reference's prototypes and anchors are CLIP's raw, unnormalised text embeddings; the text head adapters
 receive is unit-norm, so here they start at unit norm. The logits are scale-invariant, but for raw norm s the
 reference's steps are equivalent to lr / s^2 and its penalty to lambda s^2 on unit-norm prototypes.

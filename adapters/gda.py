@@ -18,9 +18,10 @@ takes a pseudo-inverse; the matrix is positive definite, so this module solves t
 
 Samples: the reference encodes every support image under 10 random augmentations (``augment_epoch: 10``) and fits
 on all of them; here the support store's cached views play that role (``use_views``), and the view-averaged keys
-are used when the store keeps no views. alpha is searched on val only, over the reference's grid
-{1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100} (first best). The reference searches ImageNet's alpha on its test split;
-fewclip never does.
+are used when the store keeps no views. The class sums and the Gram matrix are accumulated in one float64 pass over
+the samples (the within-class scatter is the Gram matrix minus the class means' part). alpha is searched on val
+only, over the reference's grid {1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100} (first best). The reference searches ImageNet's
+alpha on its test split; fewclip never does.
 """
 
 from __future__ import annotations

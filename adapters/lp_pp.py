@@ -22,6 +22,13 @@ epoch); here ``select: best_val`` keeps that epoch's weights (chosen on val, nev
 
 Samples: the reference encodes each support image once under random augmentation; here every cached augmented view
 is a sample (``use_views``), which leaves the step sizes' scale unchanged (both grow with M).
+
+Cost: each epoch is two ``M x D x C`` matmuls (the logits ``f (W + diag(alpha) T)^T + b`` and ``G^T F``, from which
+both the W and the alpha gradients follow), computed in row blocks with the gradients written out by hand, so no
+``[M, C]`` matrix is kept (autograd kept four). The initial point is computed once (in ``setup``; ``fit`` on the
+same support set starts from it), and its step sizes come from the ``[D, D]`` Gram matrix. The val features' text
+cosines are computed once, not every epoch. At ImageNet scale with the 10 views (M = 160,000) the 300 epochs are
+~2e14 FLOPs: tens of minutes on a 2-core CPU (``use_views: false``, the keys, is 10x less).
 """
 
 from __future__ import annotations

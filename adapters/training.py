@@ -3,7 +3,9 @@
 Optimiser (SGD or AdamW), a per-step cosine schedule with an optional constant warmup (CoOp's recipe),
 gradient clipping, mixed precision on CUDA, a seeded data order, a progress bar, and model selection on val
 only: the best epoch by val accuracy (ties keep the earlier epoch) or the last epoch. Training stops with a
-clear error on a non-finite loss.
+clear error on a non-finite loss (step losses stay on the device and are checked once per epoch, so a step never
+waits for the host). Every solver in fewclip ends with ``check_optimised`` (iterations run, loss decreased, weights
+moved) and linear classifiers with ``check_classifier`` (finite, not the same for every class).
 
 Feature-mode adapters train on the support store's cached augmented views: each epoch, every support image
 contributes one of its A views, drawn with the seeded generator. That departs from the papers (fresh
