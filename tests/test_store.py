@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from caches.builder import VIEW_SEED, CacheBuilder
 from caches.data.augment import AugmentSpec, augmented_view, eval_transform, view_generator
 from caches.data.datasets import load_digits, load_folder
 from caches.data.fewshot import sample_fewshot, select
+import caches.store as store_module
 from caches.store import KVStore, StoreError, fingerprint
 
 T = ["a photo of a {}."]
@@ -67,22 +69,28 @@ def test_tampering_is_detected(tmp_path):
     m = json.loads((tmp_path / "t" / "manifest.json").read_text())
     m["spec"]["kind"] = "edited"
     (tmp_path / "t" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="edited"):
+        KVStore.load(tmp_path / "t")
+    # an edit that also recomputes the manifest's digest still breaks the fingerprint
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    m["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (tmp_path / "t" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match="does not match its spec"):
         KVStore.load(tmp_path / "t")
 
 
 def test_interrupted_write_leaves_no_valid_store(tmp_path, monkeypatch):
     keys, values, views = _arrays()
-    real_save = np.save
+    real_write = store_module._write_blocks
     calls = {"n": 0}
 
-    def dying_save(path, arr, **kw):
+    def dying_write(path, blocks):
         calls["n"] += 1
-        if calls["n"] == 2:  # values written, views not yet
+        if calls["n"] == 4:  # keys, values and meta written, views not yet
             raise KeyboardInterrupt("killed")
-        return real_save(path, arr, **kw)
+        return real_write(path, blocks)
 
-    monkeypatch.setattr(np, "save", dying_save)
+    monkeypatch.setattr(store_module, "_write_blocks", dying_write)
     with pytest.raises(KeyboardInterrupt):
         KVStore.write(tmp_path / "s", {"kind": "a"}, keys, values, views=views)
     assert not (tmp_path / "s").exists()
