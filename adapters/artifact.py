@@ -225,9 +225,10 @@ def export_artifact(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     _check_destination(out)
     tmp = _tmp_sibling(out, "tmp")
     try:
-        # The store directories are copied verbatim: their manifests' fingerprints and checksums still hold.
-        shutil.copytree(stores["text"].path, tmp / TEXT_DIR)
-        shutil.copytree(stores["support"].path, tmp / SUPPORT_DIR)
+        # Self-contained copies (same specs and fingerprints): a cached support store's views live in the
+        # cache's feature bank, and an artifact carries its own.
+        stores["text"].copy_to(tmp / TEXT_DIR)
+        stores["support"].copy_to(tmp / SUPPORT_DIR)
         if result.get("adapter_state"):
             shutil.copyfile(run_dir / result["adapter_state"], tmp / STATE_FILE)
             result["adapter_state"] = STATE_FILE

@@ -15,7 +15,6 @@ a store or bank chunk that another job is building instead of building it again.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from caches.store import (
     check_file,
     fingerprint,
     gather_rows,
+    ids_digest,
     read_manifest,
 )
 from caches.workers import loader_options
@@ -57,10 +57,6 @@ log = logging.getLogger(__name__)
 # Augmented views are drawn with this seed for every run (see the module docstring): view v of an image is the
 # same crop whichever seed drew the image, so it is encoded once.
 VIEW_SEED = 0
-
-
-def ids_digest(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
 _noted_old: set[Path] = set()
@@ -377,7 +373,11 @@ class CacheBuilder:
             kept = [s for s, o in zip(samples, ok.tolist()) if o]
             labels = torch.tensor([s.label for s in kept], dtype=torch.int64)
             meta = [{"id": s.id, "label": s.label, "classname": dataset.classnames[s.label]} for s in kept]
-            return {"keys": feats[0][ok], "values": labels, "meta": meta}, {"skipped": skipped}
+            # Where the skipped ids sat among the requested ones: load() checks that they and the stored rows
+            # make up exactly the ids of the spec.
+            skipped_at = [i for i, o in enumerate(ok.tolist()) if not o]
+            return ({"keys": feats[0][ok], "values": labels, "meta": meta},
+                    {"skipped": skipped, "skipped_at": skipped_at})
 
         return self._get_or_build(path, spec, build)
 

@@ -96,6 +96,11 @@ def fingerprint(spec: dict[str, Any], version: int = FORMAT_VERSION) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def ids_digest(ids: Sequence[str]) -> str:
+    """Short sha256 of an ordered list of sample ids (store specs name their rows by it)."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
 def _canonical_digest(obj: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -338,6 +343,23 @@ def gather_rows(sources: Sequence[Path | np.ndarray], rows: np.ndarray, a: int, 
     return out
 
 
+def _check_skipped(d: Path, manifest: dict[str, Any], meta: list[dict[str, str]]) -> None:
+    """An eval store's ``skipped`` ids (unreadable images), put back at ``skipped_at`` among the stored rows'
+    ids, must give exactly the ids the store was asked for (``spec["ids"]``)."""
+    if "skipped" not in manifest:
+        return
+    skipped, at = manifest["skipped"], manifest.get("skipped_at")
+    if not (isinstance(skipped, list) and isinstance(at, list) and len(at) == len(skipped)
+            and all(isinstance(i, int) for i in at)):
+        raise StoreError(f"{d}: the manifest's skipped / skipped_at lists are malformed")
+    merged = [r.get("id", "") for r in meta]
+    for pos, sid in sorted(zip(at, skipped)):
+        merged.insert(pos, str(sid))
+    if manifest["spec"].get("ids") != ids_digest(merged):
+        raise StoreError(f"{d}: the manifest's skipped list ({len(skipped)} ids) and the {len(meta)} stored rows "
+                         "do not make up the ids this store was built for (edited or corrupt manifest)")
+
+
 # ---------------------------------------------------------------------------------------------- the store
 class KVStore:
     """A loaded store: a faiss index over keys, int64 values, optional per-view features and row metadata.
@@ -469,7 +491,8 @@ class KVStore:
             if views_np is None:
                 raise ValueError("pass the views with bank_rows (their count and dimension go into the manifest)")
             bank_record = {"bank": bank_rows.bank.name, "chunks": [c.as_dict() for c in bank_rows.chunks]}
-        rows_text, meta_rows = _csv_text(list(meta or []))
+        # meta.csv has a line per row even without metadata, so its row count can be checked on load.
+        rows_text, meta_rows = _csv_text(list(meta) if meta else [{} for _ in range(n)])
         index = faiss.IndexFlatIP(dim)
         if n:
             index.add(keys_np)
@@ -562,11 +585,12 @@ class KVStore:
             raise StoreError(f"{d}: unreadable store file ({e})") from e
         if type(index).__name__ != INDEX_TYPE:
             raise StoreError(f"{d}: {KEYS} holds a {type(index).__name__}, expected {INDEX_TYPE}")
-        if index.ntotal != n or values.shape != (n,) or values.dtype != np.int64 or len(meta) != n:
+        if index.ntotal != n or values.shape != (n,) or values.dtype != np.int64 or (len(meta) != n and not legacy):
             raise StoreError(f"{d}: {index.ntotal} keys, values {values.shape} {values.dtype}, {len(meta)} meta "
                              f"rows; the manifest says {n}")
         if index.d != dim:
             raise StoreError(f"{d}: keys have dimension {index.d}, the manifest says {dim}")
+        _check_skipped(d, manifest, meta)
         views, bank_views = None, None
         if bank_record:
             rows = np.load(d / VIEW_ROWS, allow_pickle=False)
