@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import caches.store as store_module
 from caches.builder import VIEW_SEED, CacheBuilder
 from caches.data.augment import AugmentSpec, augmented_view, eval_transform, view_generator
 from caches.data.datasets import load_digits, load_folder
 from caches.data.fewshot import sample_fewshot, select
-import caches.store as store_module
 from caches.store import KVStore, StoreError, fingerprint
 
 T = ["a photo of a {}."]
