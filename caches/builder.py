@@ -10,6 +10,10 @@ views), append-only directories of chunk stores keyed by image id, and the per-r
 them. The views of an image depend on (image, view index, augmentation), not on the run seed, so a support image
 drawn by two seeds is encoded once. Concurrent jobs serialise on file locks (``caches.locks``): a job waits for
 a store or bank chunk that another job is building instead of building it again.
+
+Encoding writes a bank chunk every ``chunk_images`` encoded images, so a killed build resumes from its finished
+chunks. Support stores reference their views' rows in the views bank instead of copying them (each view is
+written once); a build reads only the chunks holding rows it takes (``caches/FORMAT.md``).
 """
 
 from __future__ import annotations
