@@ -63,6 +63,15 @@ log = logging.getLogger(__name__)
 VIEW_SEED = 0
 
 
+def remove_leftovers(directory: Path, pattern: str) -> None:
+    """Delete the temporary directories of killed writes (the caller holds the lock of everything that writes
+    them, so none is in progress)."""
+    for tmp in directory.glob(pattern) if directory.is_dir() else []:
+        log.info("removing %s, left by an interrupted build", tmp)
+        with cache_writes(directory):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 _noted_old: set[Path] = set()
 
 
@@ -163,6 +172,7 @@ class CacheBuilder:
                         shutil.rmtree(path)
             else:
                 note_old_format(path)
+            remove_leftovers(path.parent, f".{path.name}.tmp-*")
             log.info("building %s", path)
             arrays, extra = build()
             store = KVStore.write(path, spec, extra=extra, **arrays)
@@ -224,6 +234,7 @@ class CacheBuilder:
         with file_lock(bank_dir.parent / f".{bank_dir.name}.lock", what=bank_dir.name):
             if not bank_dir.exists():
                 note_old_format(bank_dir)
+            remove_leftovers(bank_dir, ".chunk-*.tmp-*")
             chunks, where = self._bank_index(bank_dir, bank_spec, set(keys))
             # Chunk features as arrays [V, n, D]: memory-mapped views (read only where rows are taken), or keys.
             arrays: list[np.ndarray] = [
