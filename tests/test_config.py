@@ -7,10 +7,10 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from adapters.base import Adapter
-from adapters.cli import compose
-from adapters.config import conf_dir, group_options
 from caches.backbone import FrozenClip, WeightsUnavailableError
 from caches.data.records import ImageDataset
+from fewclip.cli import compose
+from fewclip.config import conf_dir, group_options
 
 GROUPS = ("backbone", "dataset", "adapter")
 

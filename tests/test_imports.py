@@ -4,6 +4,7 @@ from pathlib import Path
 
 import adapters
 import caches
+import fewclip
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -11,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_packages_come_from_this_repository():
     assert Path(adapters.__file__).resolve().parent == REPO / "adapters"
     assert Path(caches.__file__).resolve().parent == REPO / "caches"
+    assert Path(fewclip.__file__).resolve().parent == REPO / "scripts" / "fewclip"
 
 
 def test_caches_never_import_adapters():

@@ -35,7 +35,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-# Same name as adapters.runner.RESULT_FILE; not imported from there because the runner pulls in torch and the
+# Same name as fewclip.runner.RESULT_FILE; not imported from there because the runner pulls in torch and the
 # backbone code, which a report over finished runs never needs.
 RESULT_FILE = "result.json"
 
@@ -96,7 +96,7 @@ def default_templates() -> dict[str, list[str]]:
     try:
         import yaml
 
-        from adapters.config import conf_dir
+        from fewclip.config import conf_dir
 
         folder = conf_dir() / "dataset"
     except (ImportError, FileNotFoundError) as e:
@@ -245,8 +245,8 @@ def load_results(dirs: Sequence[str | Path], templates: Mapping[str, Sequence[st
 
 
 def published_path() -> Path:
-    """The packaged table of published numbers (``adapters/published.csv``)."""
-    return Path(str(resources.files("adapters").joinpath("published.csv")))
+    """The packaged table of published numbers (``fewclip/published.csv``)."""
+    return Path(str(resources.files("fewclip").joinpath("published.csv")))
 
 
 def load_published(path: str | Path | None = None) -> pd.DataFrame:

@@ -121,11 +121,11 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def load_dataset_option(cfg: DictConfig, name: str) -> Any:
     """Instantiate ``conf/dataset/<name>.yaml`` outside the defaults list (evaluation targets)."""
-    from adapters.config import conf_dir
+    from fewclip.config import conf_dir
 
     path = conf_dir() / "dataset" / f"{name}.yaml"
     if not path.is_file():
-        from adapters.config import group_options
+        from fewclip.config import group_options
 
         raise FileNotFoundError(f"unknown target dataset '{name}'; available: {group_options('dataset')}")
     node = OmegaConf.load(path)

@@ -54,9 +54,9 @@ def _run_hydra(overrides: list[str]) -> int:
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    from adapters import sweep
-    from adapters.config import conf_dir, register_schema
-    from adapters.runner import run
+    from fewclip import sweep
+    from fewclip.config import conf_dir, register_schema
+    from fewclip.runner import run
 
     register_schema()
     sweep.last_summary = None
@@ -121,7 +121,7 @@ def compose(overrides: list[str]) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from adapters.config import conf_dir, register_schema
+    from fewclip.config import conf_dir, register_schema
 
     register_schema()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -139,7 +139,7 @@ def _demo_datasets(choice: str | None) -> list[str]:
         return choice.split(",")
     from omegaconf import OmegaConf
 
-    from adapters.config import conf_dir
+    from fewclip.config import conf_dir
 
     names = ["digits"]
     fashion_root = Path(OmegaConf.load(conf_dir() / "dataset" / "fashion_mnist.yaml").root)
@@ -152,8 +152,8 @@ def demo(argv: list[str]) -> int:
     """Every adapter on digits (and Fashion-MNIST when installed) with the tiny backbone, then tables."""
     import pandas as pd
 
-    from adapters.config import group_options
-    from adapters.runner import run
+    from fewclip.config import group_options
+    from fewclip.runner import run
 
     p = argparse.ArgumentParser(prog="fewclip demo", description=demo.__doc__)
     p.add_argument("--out", default="outputs/demo", help="where each job's result.json goes")
@@ -239,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "demo":
         return demo(rest)
     if cmd in ("fit", "predict", "add-class"):
-        from adapters import artifact
+        from fewclip import artifact
 
         entry = {"fit": artifact.fit_main, "predict": artifact.predict_main, "add-class": artifact.add_class_main}
         return entry[cmd](rest)
     if cmd == "report":
-        from adapters.report import main as report_main
+        from fewclip.report import main as report_main
 
         return report_main(rest)
     if cmd == "data" and rest[:1] == ["check"]:

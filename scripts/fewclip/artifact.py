@@ -82,10 +82,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from adapters.base import Adapter, AdapterContext, SupportSet
-from adapters.runner import RESULT_FILE, STATE_FILE, restore_adapter, save_adapter_state, versions
 from caches.backbone import FrozenClip, sha256_file
 from caches.data.records import IMAGE_EXTENSIONS, ImageDataset, Sample
 from caches.store import KVStore, StoreError
+from fewclip.runner import RESULT_FILE, STATE_FILE, restore_adapter, save_adapter_state, versions
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ TEXT_DIR = "text"
 SUPPORT_DIR = "support"
 # Loading an artifact imports the classes it names: only these, never an arbitrary path from a JSON file.
 BACKBONE_TARGETS = ("caches.backbone.load_backbone",)
-ADAPTER_PACKAGE = "adapters."
+ADAPTER_PREFIXES = ("adapters.", "fewclip.auto.")  # the methods, and auto (which fits several of them)
+# Adapter classes that moved: artifacts written before the move name the old path.
+MOVED_TARGETS = {"adapters.auto.Auto": "fewclip.auto.Auto"}
 
 
 class ArtifactError(ValueError):
@@ -244,9 +246,10 @@ def export_artifact(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- loading
 def _adapter_class(target: str) -> type[Adapter]:
-    """The adapter class an artifact names, imported only from the ``adapters`` package."""
+    """The adapter class an artifact names, imported only from the ``adapters`` package (or ``fewclip.auto``)."""
+    target = MOVED_TARGETS.get(target, target)
     module, _, name = target.rpartition(".")
-    if not target.startswith(ADAPTER_PACKAGE) or not module:
+    if not target.startswith(ADAPTER_PREFIXES) or not module:
         raise ArtifactError(f"artifact names adapter class '{target}', which is not one of fewclip's adapters")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -717,7 +720,7 @@ def _hydra_value(v: Any) -> str:
 
 def default_out(cfg: Any) -> Path:
     """``artifacts/<dataset>-<adapter>-<backbone>-k<K>-s<seed>`` for a composed run config."""
-    from adapters.runner import _choice
+    from fewclip.runner import _choice
 
     adapter = _choice(cfg, "adapter")
     return Path("artifacts") / f"{cfg.dataset.name}-{adapter}-{cfg.backbone.name}-k{cfg.shots}-s{cfg.seed}"
@@ -729,8 +732,8 @@ def fit_run(overrides: Sequence[str], out: str | os.PathLike | None = None) -> t
     The job runs in a temporary directory beside the artifact (removed afterwards: the artifact keeps its
     ``result.json``). Returns ``(result, artifact directory)``.
     """
-    from adapters.cli import compose
-    from adapters.runner import run
+    from fewclip.cli import compose
+    from fewclip.runner import run
 
     cfg = compose(list(overrides))
     out_dir = Path(out) if out is not None else default_out(cfg)
@@ -825,7 +828,7 @@ def write_predictions(preds: FilePredictions, classnames: Sequence[str], out: An
 def _bad_input(e: BaseException) -> BaseException | None:
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    from adapters.cli import user_error
+    from fewclip.cli import user_error
 
     # Config errors (unknown option, bad override) are the user's; an error inside instantiation is not.
     if isinstance(e, (ArtifactError, ConfigCompositionException, OverrideParseException)):
@@ -850,7 +853,7 @@ def _split_out(overrides: list[str], out: str | None) -> tuple[list[str], str | 
 
 def fit_main(argv: list[str]) -> int:
     """``fewclip fit [OVERRIDES...] out=DIR``: run one job like ``fewclip run`` and write an artifact."""
-    from adapters.cli import _fmt_hparams, _quiet_logging
+    from fewclip.cli import _fmt_hparams, _quiet_logging
 
     p = argparse.ArgumentParser(prog="fewclip fit", description=fit_main.__doc__)
     p.add_argument("--out", default=None, help="artifact directory (same as out=DIR; default "
@@ -880,7 +883,7 @@ def _backbone_options(p: argparse.ArgumentParser) -> None:
 
 def predict_main(argv: list[str]) -> int:
     """``fewclip predict ARTIFACT IMAGES...``: class probabilities for images, as CSV."""
-    from adapters.cli import _quiet_logging
+    from fewclip.cli import _quiet_logging
 
     p = argparse.ArgumentParser(prog="fewclip predict", description=predict_main.__doc__)
     p.add_argument("artifact", help="artifact directory written by fewclip fit")
@@ -921,7 +924,7 @@ def predict_main(argv: list[str]) -> int:
 
 def add_class_main(argv: list[str]) -> int:
     """``fewclip add-class ARTIFACT NAME [IMAGES...]``: add a class to an artifact without refitting."""
-    from adapters.cli import _quiet_logging
+    from fewclip.cli import _quiet_logging
 
     p = argparse.ArgumentParser(prog="fewclip add-class", description=add_class_main.__doc__)
     p.add_argument("artifact", help="artifact directory written by fewclip fit (updated in place, atomically)")

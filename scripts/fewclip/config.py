@@ -56,7 +56,7 @@ def register_schema() -> None:
 def conf_dir() -> Path:
     """The ``conf/`` folder: ``$FEWCLIP_CONF`` or the one beside the installed sources (editable install)."""
     env = os.environ.get("FEWCLIP_CONF")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(
             f"fewclip's config folder was not found at {path}. Install from a checkout with "
