@@ -101,7 +101,7 @@ def test_auto_never_reads_test_labels_before_the_final_evaluation(tmp_path, monk
     from caches.data import datasets
     from caches.data.records import Sample
     from fewclip import runner
-    from fewclip.cli import compose
+    from fewclip.config import compose
 
     state = {"final": False, "reads": 0}
 
@@ -143,7 +143,7 @@ def test_auto_never_reads_test_labels_before_the_final_evaluation(tmp_path, monk
 
 def test_a_saved_auto_run_restores_its_winner(tmp_path):
     from caches.store import KVStore
-    from fewclip.cli import compose
+    from fewclip.config import compose
     from fewclip.runner import restore_adapter, run
 
     cfg = compose([f"cache_dir={tmp_path / 'cache'}", "progress=false", "device=cpu", "adapter=auto", "shots=4",

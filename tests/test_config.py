@@ -9,8 +9,7 @@ from hydra.utils import instantiate
 from adapters.base import Adapter
 from caches.backbone import FrozenClip, WeightsUnavailableError
 from caches.data.records import ImageDataset
-from fewclip.cli import compose
-from fewclip.config import conf_dir, group_options
+from fewclip.config import compose, conf_dir, group_options
 
 GROUPS = ("backbone", "dataset", "adapter")
 

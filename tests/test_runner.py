@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from caches.store import KVStore
-from fewclip.cli import compose
+from fewclip.config import compose
 from fewclip.runner import run
 
 REQUIRED = {"dataset", "adapter", "backbone", "shots", "seed", "n_classes", "n_test", "test_acc", "val_acc",

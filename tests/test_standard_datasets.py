@@ -15,8 +15,7 @@ from caches.data.check import check_dataset
 from caches.data.records import DatasetError, base_class_count, subsample_classes
 from caches.data.standard import imagenet_target
 from caches.store import KVStore
-from fewclip.cli import compose
-from fewclip.config import group_options
+from fewclip.config import compose, group_options
 from fewclip.runner import instantiate_node as instantiate
 from fewclip.runner import run
 

@@ -68,3 +68,20 @@ def conf_dir() -> Path:
 def group_options(group: str) -> list[str]:
     """Names in a config group: the YAML file stems (the file is the name)."""
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def compose(overrides: list[str]) -> Any:
+    """Compose the run config outside ``@hydra.main`` (``fewclip fit``, ``demo``, tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    # Expose the group choices (adapter=tip -> "tip") the way @hydra.main does.
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
