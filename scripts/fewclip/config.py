@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,17 @@ def register_schema() -> None:
 
 
 def conf_dir() -> Path:
-    """The ``conf/`` folder: ``$FEWCLIP_CONF`` or the one beside the installed sources (editable install)."""
+    """The config folder: ``$FEWCLIP_CONF`` when set, else the one installed with fewclip (package ``fewclip.conf``:
+    the repository's ``conf/`` in an editable install, ``site-packages/fewclip/conf`` from a wheel)."""
     env = os.environ.get("FEWCLIP_CONF")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if env:
+        path = Path(env)
+        hint = "FEWCLIP_CONF points at it; point it at a folder holding config.yaml, or unset it."
+    else:
+        path = Path(str(resources.files("fewclip.conf")))
+        hint = "The fewclip installation is incomplete: reinstall it (pip install fewclip, or pip install -e .)."
     if not (path / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"fewclip's config folder was not found at {path}. Install from a checkout with "
-            "'pip install -e .', or point FEWCLIP_CONF at the repository's conf/ folder."
-        )
+        raise FileNotFoundError(f"fewclip's config folder was not found at {path}. {hint}")
     return path
 
 
