@@ -66,7 +66,7 @@ def restore_adapter(adapter: Adapter, run_dir: str | os.PathLike) -> Adapter:
     return adapter.eval()
 
 
-def _choice(cfg: DictConfig, group: str) -> str:
+def group_choice(cfg: DictConfig, group: str) -> str:
     """The config-group option a job used (``tip`` for ``adapter=tip``): the file is the name."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -237,7 +237,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     if cfg.get("resume", True) and (done := finished_result(out, cfg)) is not None:
         log.info("skipping %s: result.json of the same config exists (resume=false runs it again)", out)
         return {**done, "resumed": True}
-    names = {g: _choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
+    names = {g: group_choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
     timings: dict[str, float] = {}
 
     t = time.perf_counter()

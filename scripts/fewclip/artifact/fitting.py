@@ -12,7 +12,7 @@ from typing import Any
 from fewclip.artifact.format import check_destination, export_artifact, tmp_sibling
 from fewclip.artifact.predict import Artifact, load_artifact
 from fewclip.config import compose
-from fewclip.runner import _choice, run
+from fewclip.runner import group_choice, run
 
 
 def _hydra_value(v: Any) -> str:
@@ -31,7 +31,7 @@ def _hydra_value(v: Any) -> str:
 
 def default_out(cfg: Any) -> Path:
     """``artifacts/<dataset>-<adapter>-<backbone>-k<K>-s<seed>`` for a composed run config."""
-    adapter = _choice(cfg, "adapter")
+    adapter = group_choice(cfg, "adapter")
     return Path("artifacts") / f"{cfg.dataset.name}-{adapter}-{cfg.backbone.name}-k{cfg.shots}-s{cfg.seed}"
 
 
