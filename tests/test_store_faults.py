@@ -311,7 +311,7 @@ def test_a_store_that_fails_verification_in_a_read_only_cache_says_so(tmp_path, 
 def test_a_warm_run_works_in_a_read_only_cache(tmp_path):
     """Every store warm: the run reads the cache and writes only its own output (the few-shot id file, which
     is already there with the same content, is left alone)."""
-    from fewclip.cli import compose
+    from fewclip.config import compose
     from fewclip.runner import run
 
     def cfg():
