@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from caches.backbone import sha256_file
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
@@ -103,14 +105,6 @@ def ids_digest(ids: Sequence[str]) -> str:
 
 def _canonical_digest(obj: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def sha256_path(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def faiss_has_gpu() -> bool:
@@ -239,7 +233,7 @@ def check_file(d: Path, name: str, rec: dict[str, Any], full: bool = False) -> N
         raise StoreError(f"{d}: {name} has {st.st_size} bytes, the manifest says {size} (corrupt or modified)")
     stamped = size is not None and st.st_mtime_ns == rec.get("mtime_ns")
     if full or not stamped:
-        digest = sha256_path(f)
+        digest = sha256_file(f, _BLOCK)
         if digest != rec.get("sha256"):
             raise StoreError(f"{d}: checksum mismatch for {name} (sha256 {digest[:16]}..., manifest "
                              f"{str(rec.get('sha256'))[:16]}...; corrupt or modified)")

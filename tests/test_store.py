@@ -245,13 +245,13 @@ def test_unreadable_test_images_are_skipped_and_counted(tmp_path, tiny, class_fo
 # ---------------------------------------------------------------------------------------------- format 2
 def _count_hashing(monkeypatch):
     calls: list[str] = []
-    real = store_module.sha256_path
+    real = store_module.sha256_file
 
-    def counting(path):
+    def counting(path, *a):
         calls.append(Path(path).name)
-        return real(path)
+        return real(path, *a)
 
-    monkeypatch.setattr(store_module, "sha256_path", counting)
+    monkeypatch.setattr(store_module, "sha256_file", counting)
     return calls
 
 
