@@ -494,3 +494,25 @@ def test_interrupted_build_resumes_from_completed_chunks(tmp_path, tiny):
     # and the assembled store equals a build from scratch
     fresh = CacheBuilder(tiny, tmp_path / "fresh", batch_size=10, progress=False).features(ds, "test", samples)
     torch.testing.assert_close(store.keys(), fresh.keys(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_support_store_whose_bank_chunk_is_gone_is_rebuilt(tmp_path, tiny):
+    """The views live in the bank: a deleted or replaced chunk invalidates the store, which is rebuilt (encoding
+    only what the bank lost) and never served with other views."""
+    ds = load_digits(T)
+    samples = ds.splits["train"][:20]
+    b = CacheBuilder(tiny, tmp_path, batch_size=10, progress=False, chunk_images=20)  # 10 images x 2 views per chunk
+    store = b.support(ds, samples, 2, 1, views=2)
+    views = store.view_features()
+    refs = store.manifest["bank_views"]["chunks"]
+    assert len(refs) == 2
+    import shutil
+
+    bank = store.path.parent / store.manifest["bank_views"]["bank"]
+    shutil.rmtree(bank / refs[1]["name"])
+    with pytest.raises(StoreError, match=f"bank chunk {refs[1]['name']}, which is missing"):
+        KVStore.load(store.path)
+    b2 = CacheBuilder(tiny, tmp_path, batch_size=10, progress=False, chunk_images=20)
+    again = b2.support(ds, samples, 2, 1, views=2)
+    assert b2.built == [store.path.name] and b2.encoded_images == 10 * 2
+    torch.testing.assert_close(again.view_features(), views, rtol=1e-5, atol=1e-6)
