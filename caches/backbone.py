@@ -303,14 +303,14 @@ class FrozenClip:
         return F.normalize(feats.float(), dim=-1)
 
     @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Encode strings. Returns ``[T, D]`` float32 L2-normalised features."""
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+        """Encode strings. Returns ``[T, D]`` float32 features, L2-normalised unless ``normalize`` is False."""
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
             with self._autocast():
                 feats = self.model.encode_text(tokens)
-            out.append(F.normalize(feats.float(), dim=-1))
+            out.append(F.normalize(feats.float(), dim=-1) if normalize else feats.float())
         return torch.cat(out) if out else torch.empty(0, 0)
 
     def _text_tower(self) -> Any:
@@ -426,11 +426,22 @@ class FrozenClip:
         Returns:
             ``[C, D]`` float32, rows L2-normalised, in the order of ``classnames``.
         """
+        return self.text_head_and_norms(classnames, templates)[0]
+
+    @torch.no_grad()
+    def text_head_and_norms(self, classnames: Sequence[str], templates: Sequence[str]
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The zero-shot classifier ``[C, D]`` and the norm ``[C]`` of each class's raw mean template embedding.
+
+        TaskRes and CLAP start from the raw (unnormalised) mean of the template embeddings; with one template,
+        ``head * norms[:, None]`` is exactly that vector.
+        """
         if not templates or any("{}" not in t for t in templates):
             raise ValueError(f"Every prompt template must contain '{{}}'; got {list(templates)}")
         prompts = [t.format(c) for c in classnames for t in templates]
-        feats = self.encode_texts(prompts).view(len(classnames), len(templates), -1)
-        return F.normalize(feats.mean(dim=1), dim=-1)
+        raw = self.encode_texts(prompts, normalize=False).view(len(classnames), len(templates), -1)
+        head = F.normalize(F.normalize(raw, dim=-1).mean(dim=1), dim=-1)
+        return head, raw.mean(dim=1).norm(dim=-1)
 
 
 _LOADED: dict[tuple, FrozenClip] = {}
