@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from caches.weights_id import file_identity, sha256_file  # noqa: F401  (sha256_file: imported from here too)
+
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "fewclip-tiny"
@@ -66,15 +68,6 @@ def _register_fewclip_configs() -> None:
 
     if TINY_MODEL not in open_clip.list_models():
         open_clip.add_model_config(_CONFIG_DIR)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_dict_hash(module: torch.nn.Module) -> str:
@@ -253,16 +246,20 @@ class FrozenClip:
             interpolation=str(pcfg.get("interpolation", "bicubic")),
         )
         self.logit_scale = 100.0  # CLIP's learned scale is ~100; the few-shot literature fixes it at 100.
+        # Where the weights came from (caches.weights_id): file, sha256, Hugging Face revision, OpenAI release.
+        self.weights_info: dict[str, Any] = {}
         self.weights_id = self._weights_id(weights)
         self.dim = int(self._probe_dim())
 
     def _weights_id(self, weights: str | None) -> str:
         if self.pretrained is None and not self.model_name.startswith("local-dir:"):
             return "random:" + state_dict_hash(self.model)[:16]
-        if weights is not None and self.pretrained is not None and os.path.isfile(self.pretrained):
-            return "file-sha256:" + sha256_file(weights)[:16]
         if self.model_name.startswith("local-dir:"):
             return "local-dir-sha256:" + state_dict_hash(self.model)[:16]
+        if weights is not None and os.path.isfile(weights):
+            tag = None if os.path.isfile(str(self.pretrained)) else self.pretrained
+            weights_id, self.weights_info = file_identity(weights, tag, self.model_name)
+            return weights_id
         return f"tag:{self.pretrained}"
 
     def _probe_dim(self) -> int:
