@@ -36,11 +36,13 @@ USAGE = __doc__ or ""
 
 def user_error(e: BaseException) -> BaseException | None:
     """The bad-input error behind ``e`` (Hydra wraps errors raised while instantiating), or None."""
+    from adapters.recipes import RecipeError
     from caches.backbone import UnsupportedBackboneError, WeightsUnavailableError
     from caches.data.records import DatasetError
     from caches.store import StoreError
 
-    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError)
+    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError,
+             RecipeError)
     while e is not None:
         if isinstance(e, kinds):
             return e

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from adapters.recipes import PROTOCOLS, Recipe, compose_recipe
+from adapters.recipes import PROTOCOLS, Recipe, RecipeError, compose_recipe
 from caches.data.coop_pickle import import_fewshot
 from caches.data.fewshot import SAMPLERS, FewShotSplit, dassl_draw, sample_fewshot, val_shots
 from caches.data.records import DatasetError, ImageDataset
@@ -82,11 +82,15 @@ def resolve_protocol(cfg: DictConfig, adapter_name: str, dataset_name: str,
     """
     name = str(_setting(cfg, "protocol", "fewshot"))
     if name not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got '{name}'")
+        raise RecipeError(f"protocol must be one of {PROTOCOLS}, got '{name}'")
     sampler = _setting(cfg, "fewshot.sampler")
     if sampler is not None and sampler not in SAMPLERS:
-        raise ValueError(f"fewshot.sampler must be one of {SAMPLERS}, got '{sampler}'")
+        raise RecipeError(f"fewshot.sampler must be one of {SAMPLERS}, got '{sampler}'")
     import_path = _setting(cfg, "fewshot.import")
+    if import_path is not None and not isinstance(import_path, str):
+        raise RecipeError(f"fewshot.import must be a file path, got {import_path!r}")
+    if not isinstance(_setting(cfg, "fewshot.allow_fewer", False), bool):
+        raise RecipeError(f"fewshot.allow_fewer must be true or false, got {_setting(cfg, 'fewshot.allow_fewer')!r}")
     adapter = OmegaConf.create(OmegaConf.to_container(cfg.adapter, resolve=True))
     if name == "fewshot":
         return RunProtocol(name=name, sampler=sampler or "fewclip", val="fewshot", views=int(cfg.views),

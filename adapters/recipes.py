@@ -34,7 +34,8 @@ PROTOCOLS = ("fewshot", "reference")
 
 
 class RecipeError(ValueError):
-    """No reference recipe for this (method, dataset), or a recipe file that is malformed."""
+    """A protocol setting that cannot be honoured: no reference recipe for this (method, dataset), a malformed
+    recipe file, or a bad ``protocol`` / ``fewshot.*`` value. The CLI reports it in one line (exit 2)."""
 
 
 @dataclass
