@@ -45,12 +45,12 @@ STD_DDOF = 0
 KEY = ("protocol", "dataset", "adapter", "shots", "seed")
 """What identifies one run; two files with the same key are duplicates."""
 
-PROTOCOL_FIELDS = ("backbone", "backbone_weights", "templates", "split_source", "val_shots", "views", "selection",
-                   "subsample")
+PROTOCOL_FIELDS = ("protocol_name", "sampler", "backbone", "backbone_weights", "templates", "split_source",
+                   "val_shots", "views", "selection", "subsample")
 
 RUN_COLUMNS = ["dataset", "adapter", "backbone", "shots", "seed", "val_acc", "test_acc", "novel_acc", "protocol",
-               "backbone_weights", "templates", "split_source", "val_shots", "views", "selection", "subsample",
-               "template_list", "path", "mtime"]
+               "protocol_name", "sampler", "backbone_weights", "templates", "split_source", "val_shots", "views",
+               "selection", "subsample", "template_list", "path", "mtime"]
 
 SUMMARY_COLUMNS = ["protocol", "table", "shots", "adapter", "dataset", "metric", "mean", "std", "n_seeds",
                    "n_datasets", "partial", "published", "delta", "published_source"]
@@ -119,6 +119,8 @@ def _val_rule(val_shots: Any, shots: int) -> str | None:
     # rather than the number keeps one protocol across 1..16 shots.
     if val_shots is None:
         return None
+    if isinstance(val_shots, str) and not val_shots.isdigit():
+        return val_shots  # "full": the whole val split
     if int(val_shots) == min(int(shots), 4):
         return "min(K,4)"
     return str(int(val_shots))
@@ -128,7 +130,8 @@ def _protocol_key(row: Mapping[str, Any]) -> str:
     def s(v: Any) -> str:
         return "na" if v is None else str(v)
 
-    return (f"{s(row['backbone'])}/{s(row['backbone_weights'])}|tpl:{s(row['templates'])}"
+    return (f"{s(row['protocol_name'])}|draw:{s(row['sampler'])}|"
+            f"{s(row['backbone'])}/{s(row['backbone_weights'])}|tpl:{s(row['templates'])}"
             f"|split:{s(row['split_source'])}|val:{s(row['val_shots'])}|views:{s(row['views'])}"
             f"|sel:{s(row['selection'])}|sub:{s(row['subsample'])}")
 
@@ -158,6 +161,14 @@ def _parse_result(path: Path, defaults: Mapping[str, Sequence[str]]) -> dict[str
         tpl_id = "default" if list(defaults.get(str(data["dataset"]), ())) == templates else _hash_templates(templates)
     shots = int(data["shots"])
     views = proto.get("views")
+    # Results written before the protocol switch ran fewclip's protocol with fewclip's sampler.
+    name = str(proto.get("name") or "fewshot")
+    sampler = str(proto.get("sampler") or "fewclip")
+    sampler = "dassl" if sampler.startswith("import:") else sampler  # CoOp's saved draws are Dassl's draws
+    val_rule = _val_rule(proto.get("val_shots"), shots)
+    if name == "reference":
+        # Each method's recipe fixes its own val split and views: one reference protocol across methods.
+        val_rule, views = "recipe", None
     row: dict[str, Any] = {
         "dataset": str(data["dataset"]),
         "adapter": str(data["adapter"]),
@@ -167,10 +178,12 @@ def _parse_result(path: Path, defaults: Mapping[str, Sequence[str]]) -> dict[str
         "val_acc": _as_float(data.get("val_acc")),
         "test_acc": float(data["test_acc"]),
         "novel_acc": _as_float(novel_acc),
+        "protocol_name": name,
+        "sampler": sampler,
         "backbone_weights": proto.get("backbone_weights"),
         "templates": tpl_id,
         "split_source": proto.get("split_source"),
-        "val_shots": _val_rule(proto.get("val_shots"), shots),
+        "val_shots": val_rule,
         "views": None if views is None else int(views),
         "selection": proto.get("selection"),
         "subsample": str(subsample),
@@ -249,10 +262,18 @@ def published_path() -> Path:
     return Path(str(resources.files("adapters").joinpath("published.csv")))
 
 
-def load_published(path: str | Path | None = None) -> pd.DataFrame:
-    """Published numbers: columns backbone, adapter, dataset, shots (NaN: any shot count), metric, value, source.
+PUBLISHED_TAGS = {"protocol": "reference", "val": "unknown", "extra_data": "none", "selection_on_test": "unknown",
+                  "seeds": "not stated"}
+"""Protocol tags of ``published.csv`` and what a table without them is taken to say (compared with nothing)."""
 
-    ``path`` None or "published" reads the packaged table; otherwise a CSV with the same columns.
+
+def load_published(path: str | Path | None = None) -> pd.DataFrame:
+    """Published numbers: columns backbone, adapter, dataset, shots (NaN: any shot count), metric, value, source,
+    and the protocol tags ``protocol`` (``reference``: the method's own recipe; ``any``: no selection at all, as
+    zero-shot), ``val``, ``extra_data``, ``selection_on_test``, ``seeds``.
+
+    ``path`` None or "published" reads the packaged table; otherwise a CSV with the same columns (missing tags
+    take the values of ``PUBLISHED_TAGS``, under which a row is never compared).
     """
     p = published_path() if path in (None, "published") else Path(path)
     try:
@@ -264,6 +285,8 @@ def load_published(path: str | Path | None = None) -> pd.DataFrame:
         raise ReportError(f"{p} lacks column(s) {sorted(missing)}")
     pub["shots"] = pd.to_numeric(pub["shots"], errors="coerce")
     pub["value"] = pd.to_numeric(pub["value"], errors="raise")
+    for tag, default in PUBLISHED_TAGS.items():
+        pub[tag] = pub[tag].fillna(default).astype(str) if tag in pub.columns else default
     return pub
 
 
@@ -363,10 +386,30 @@ def _canonical(dataset: str) -> str:
     return DATASET_ALIASES.get(dataset, dataset)
 
 
+def comparable_rows(rows: pd.DataFrame, protocol: str) -> tuple[pd.DataFrame, list[tuple[pd.DataFrame, str, str]]]:
+    """Published rows a run of ``protocol`` may be compared with, and the others as ``(rows, tag, reason)``.
+
+    Comparable: the row's protocol is the run's (``reference`` rows come from the methods' own recipes) or
+    ``any`` (nothing was selected, as zero-shot), no extra data, and nothing selected on test (fewclip never does).
+    """
+    other_protocol = ~rows["protocol"].isin([protocol, "any"])
+    extra = rows["extra_data"] != "none"
+    on_test = rows["selection_on_test"] != "no"
+    skipped = [(rows[other_protocol], "protocol", f"published under protocol '{{}}', this group ran "
+                f"protocol={protocol}" + (" (protocol=reference runs compare with them)" if protocol == "fewshot"
+                                          else "")),
+               (rows[~other_protocol & extra], "extra_data", "extra data: {}"),
+               (rows[~other_protocol & ~extra & on_test], "selection_on_test", "selection on test: {}")]
+    return rows[~other_protocol & ~extra & ~on_test], skipped
+
+
 class _Published:
     """Lookups into the published table for one protocol group (or none when not comparable)."""
 
-    def __init__(self, pub: pd.DataFrame | None, fields: Mapping[str, Any], notes: list[str]) -> None:
+    def __init__(self, pub: pd.DataFrame | None, fields: Mapping[str, Any], notes: list[str],
+                 adapters: Iterable[str] = ()) -> None:
+        from caches.weights_id import is_openai
+
         self.rows: pd.DataFrame | None = None
         if pub is None:
             return
@@ -378,10 +421,15 @@ class _Published:
                          f"{', '.join(have)}).")
             return
         weights = fields.get("backbone_weights")
-        if weights not in (None, "tag:openai"):
-            notes.append(f"Published numbers use OpenAI's weights; this group uses {weights}, so none are compared.")
+        if weights is not None and not is_openai(weights):
+            notes.append(f"Published numbers use OpenAI's weights (the openai tag, or a file with an OpenAI release "
+                         f"hash); this group uses {weights}, so none are compared.")
             return
-        self.rows = pub[pub["backbone"] == name]
+        rows = pub[(pub["backbone"] == name) & pub["adapter"].isin(list(adapters))]
+        self.rows, skipped = comparable_rows(rows, str(fields.get("protocol_name") or "fewshot"))
+        for part, tag, reason in skipped:
+            for (adapter, value), g in part.groupby(["adapter", tag]):
+                notes.append(f"Published {adapter} rows skipped ({len(g)}): {reason.format(value)}.")
         if fields.get("templates") not in (None, "default"):
             notes.append("This group uses custom prompt templates; the published numbers use each dataset's "
                          "standard templates, so deltas mix the two effects.")
@@ -391,7 +439,8 @@ class _Published:
             return math.nan, None
         r = self.rows[(self.rows["adapter"] == adapter) & (self.rows["metric"] == metric)
                       & ((self.rows["shots"] == shots) | self.rows["shots"].isna())]
-        for name in dict.fromkeys([dataset, _canonical(dataset)]):
+        # Exact dataset only: the published rows name their templates (imagenet: one, imagenet_ens: CLIP's 7).
+        for name in (dataset,):
             hit = r[r["dataset"] == name]
             if len(hit):
                 # An exact shot count beats a shot-independent row (zero-shot).
@@ -651,7 +700,7 @@ def build_report(df: pd.DataFrame, shots: Sequence[int] | None = None, published
 
     records: list[dict[str, Any]] = []
     for grp in groups:
-        pub = _Published(published, grp.fields, grp.notes)
+        pub = _Published(published, grp.fields, grp.notes, set(grp.runs["adapter"]))
         if grp.is_base_to_novel:
             records += _b2n_tables(grp, pub, ddof)
         else:
@@ -683,7 +732,11 @@ def describe_protocol(fields: Mapping[str, Any], template_list: str | None = Non
     sub = fields.get("subsample")
     sub_text = {"all": "all classes", "base": "base classes (base-to-novel)", "new": "novel classes only"}.get(
         str(sub), s(sub))
-    return [f"backbone: {s(fields.get('backbone'))} (weights {s(fields.get('backbone_weights'))})",
+    proto = {"fewshot": "fewshot (fewclip's: every choice on min(K, 4) val images per class)",
+             "reference": "reference (each method's published recipe, conf/recipe/; val and views per recipe)"}
+    return [f"protocol: {proto.get(str(fields.get('protocol_name')), s(fields.get('protocol_name')))}; "
+            f"few-shot draw: {s(fields.get('sampler'))}",
+            f"backbone: {s(fields.get('backbone'))} (weights {s(fields.get('backbone_weights'))})",
             f"prompt templates: {tpl_text}",
             f"split: {s(fields.get('split_source'))}; validation images per class: {s(fields.get('val_shots'))}; "
             f"augmented views: {s(fields.get('views'))}; model selection: {s(fields.get('selection'))}; "
