@@ -15,13 +15,13 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from test_fewshot_dassl import dassl_reference
 
-from adapters.cli import compose
-from adapters.protocol import RunProtocol, draw_fewshot, resolve_protocol
-from adapters.recipes import RecipeError
-from adapters.runner import instantiate_node, run
 from caches.builder import text_raw_norms
 from caches.data.records import ImageDataset, Sample
 from caches.store import KVStore
+from fewclip.config import compose
+from fewclip.protocol import RunProtocol, draw_fewshot, resolve_protocol
+from fewclip.recipes import RecipeError
+from fewclip.runner import instantiate_node, run
 
 COMMON = ["progress=false", "device=cpu", "shots=2", "seed=2", "views=2"]
 
@@ -133,7 +133,7 @@ def test_imported_imagenet_draw_keeps_support_out_of_val(tmp_path, monkeypatch):
 
 
 def test_cli_refuses_reference_without_a_recipe_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "adapters.cli", "run", "protocol=reference", "adapter=auto",
+    proc = subprocess.run([sys.executable, "-m", "fewclip", "run", "protocol=reference", "adapter=auto",
                            f"cache_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -10,10 +10,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from adapters.base import Adapter
-from adapters.cli import compose
-from adapters.config import group_options
-from adapters.recipes import RecipeError, compose_recipe, load_recipe_file, recipe_methods, source_repo
 from adapters.training import TrainSpec, _lr_lambda
+from fewclip.config import compose, group_options
+from fewclip.recipes import RecipeError, compose_recipe, load_recipe_file, recipe_methods, source_repo
 
 BENCHMARK = ["imagenet", "imagenet_ens", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
              "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]

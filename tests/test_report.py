@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adapters import report as rp
+from fewclip import report as rp
 
 # A template no dataset config uses, shared by every dataset: all synthetic runs get the same template hash, so
 # grouping does not depend on what conf/dataset/*.yaml holds.

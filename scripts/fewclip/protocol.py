@@ -17,10 +17,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from adapters.recipes import PROTOCOLS, Recipe, RecipeError, compose_recipe
 from caches.data.coop_pickle import import_fewshot
 from caches.data.fewshot import SAMPLERS, FewShotSplit, dassl_draw, sample_fewshot, val_shots
 from caches.data.records import DatasetError, ImageDataset
+from fewclip.recipes import PROTOCOLS, Recipe, RecipeError, compose_recipe
 
 log = logging.getLogger(__name__)
 

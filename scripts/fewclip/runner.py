@@ -3,7 +3,7 @@
 Order of work, which is also the protocol:
 
 1. build the backbone and the dataset; resolve the protocol (``fewshot``, or ``reference``: the method's recipe,
-   ``adapters.protocol``); draw K shots per class from train and the validation images (min(K, 4) per class, or
+   ``fewclip.protocol``); draw K shots per class from train and the validation images (min(K, 4) per class, or
    what the recipe's official code used);
 2. build or load the text head, support and val stores;
 3. ``adapter.setup`` -> ``fit(support, val)`` -> ``tune(val)``: every choice is made on val;
@@ -26,13 +26,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, accuracy, evaluate, predict_split
-from adapters.protocol import RunProtocol, draw_fewshot, resolve_protocol, val_description
 from caches.builder import CacheBuilder, describe_stores, text_raw_norms
 from caches.data.augment import AugmentSpec
 from caches.data.fewshot import persist_fewshot, select
 from caches.data.pixels import PixelData
 from caches.data.records import DatasetError
 from caches.store import KVStore
+from fewclip.protocol import RunProtocol, draw_fewshot, resolve_protocol, val_description
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def restore_adapter(adapter: Adapter, run_dir: str | os.PathLike) -> Adapter:
     return adapter.eval()
 
 
-def _choice(cfg: DictConfig, group: str) -> str:
+def group_choice(cfg: DictConfig, group: str) -> str:
     """The config-group option a job used (``tip`` for ``adapter=tip``): the file is the name."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -125,11 +125,11 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def load_dataset_option(cfg: DictConfig, name: str) -> Any:
     """Instantiate ``conf/dataset/<name>.yaml`` outside the defaults list (evaluation targets)."""
-    from adapters.config import conf_dir
+    from fewclip.config import conf_dir
 
     path = conf_dir() / "dataset" / f"{name}.yaml"
     if not path.is_file():
-        from adapters.config import group_options
+        from fewclip.config import group_options
 
         raise FileNotFoundError(f"unknown target dataset '{name}'; available: {group_options('dataset')}")
     node = OmegaConf.load(path)
@@ -250,7 +250,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     if cfg.get("resume", True) and (done := finished_result(out, cfg)) is not None:
         log.info("skipping %s: result.json of the same config exists (resume=false runs it again)", out)
         return {**done, "resumed": True}
-    names = {g: _choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
+    names = {g: group_choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
     timings: dict[str, float] = {}
 
     t = time.perf_counter()

@@ -61,7 +61,7 @@ class Recipe:
 
 
 def recipe_dir() -> Path:
-    from adapters.config import conf_dir
+    from fewclip.config import conf_dir
 
     return conf_dir() / "recipe"
 
