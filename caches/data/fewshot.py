@@ -20,7 +20,10 @@ cache can be inspected:
 
   A ``random.Random(seed)`` instance produces the stream ``random.seed(seed)`` produces, so the draw is
   identical without touching global state. Unreadable images cannot be replaced without changing the draw:
-  they are an error (``allow_fewer`` drops them with a warning).
+  they are an error (``allow_fewer`` drops them with a warning). The draw depends on the order of the split list:
+  for the split-file datasets that is the file's order, as in CoOp; CoOp's ImageNet lists each class folder in
+  ``os.listdir`` order (file-system dependent) and fewclip holds training images out as val, so there only an
+  imported pickle (``caches.data.coop_pickle``) gives CoOp's images.
 """
 
 from __future__ import annotations
