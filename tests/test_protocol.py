@@ -68,6 +68,10 @@ def test_command_line_values_win_and_are_departures(flowers):
     proto = resolve_protocol(cfg, "tip", "oxford_flowers")
     assert proto.adapter.beta_max == 9 and proto.adapter.alpha_max == 50
     assert any("adapter.beta_max=9" in d and "50" in d for d in proto.record()["departures"])
+    assert proto.views == 10  # the recipe's views ...
+    views = resolve_protocol(compose(["protocol=reference", "adapter=tip", "dataset=oxford_flowers",
+                                      f"data_root={root}", "views=3"]), "tip", "oxford_flowers")
+    assert views.views == 3 and any("views=3" in d for d in views.record()["departures"])  # ... unless given
     with pytest.raises(RecipeError, match="no reference recipe"):
         resolve_protocol(compose(["protocol=reference", "adapter=auto"]), "auto", "digits")
     with pytest.raises(RecipeError, match="per dataset"):

@@ -54,7 +54,8 @@ class RunProtocol:
 
 
 def command_line_keys(prefix: str = "adapter.") -> dict[str, Any]:
-    """``{key: value}`` of the ``adapter.KEY=VALUE`` overrides given on the command line (empty outside Hydra)."""
+    """``{key: value}`` of the ``PREFIX.KEY=VALUE`` overrides given on the command line (empty outside Hydra);
+    the prefix is stripped (``""``: every override, keys as written)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -77,8 +78,8 @@ def resolve_protocol(cfg: DictConfig, adapter_name: str, dataset_name: str,
                      explicit: dict[str, Any] | None = None) -> RunProtocol:
     """Resolve the protocol of one job.
 
-    ``explicit``: adapter keys given on the command line (default: read from Hydra); under ``reference`` they
-    win over the recipe and are listed as departures.
+    ``explicit``: the ``KEY=VALUE`` overrides given on the command line (default: read from Hydra); under
+    ``reference`` their ``adapter.*`` keys and ``views`` win over the recipe and are listed as departures.
     """
     name = str(_setting(cfg, "protocol", "fewshot"))
     if name not in PROTOCOLS:
@@ -97,8 +98,8 @@ def resolve_protocol(cfg: DictConfig, adapter_name: str, dataset_name: str,
                            support_features="augmented", adapter=adapter,
                            import_path=str(import_path) if import_path else None)
     recipe = compose_recipe(adapter_name, dataset_name, int(cfg.shots))
-    explicit = command_line_keys() if explicit is None else explicit
-    overridden = {k: adapter[k] for k in recipe.adapter if k in explicit and k in adapter}
+    explicit = command_line_keys("") if explicit is None else explicit
+    overridden = {k: adapter[k] for k in recipe.adapter if f"adapter.{k}" in explicit and k in adapter}
     with open_dict(adapter):
         for key, value in recipe.adapter.items():
             if key not in overridden:
@@ -107,8 +108,12 @@ def resolve_protocol(cfg: DictConfig, adapter_name: str, dataset_name: str,
     if sampler is not None and sampler != run["sampler"]:
         recipe.departures.append(f"fewshot.sampler={sampler} set on the command line (the reference: "
                                  f"{run['sampler']})")
+    views = int(run.get("views", cfg.views))
+    if "views" in explicit and "views" in run and int(cfg.views) != views:
+        recipe.departures.append(f"views={cfg.views} set on the command line (the reference: {views})")
+        views = int(cfg.views)
     return RunProtocol(name=name, sampler=sampler or run["sampler"], val=run["val"],
-                       views=int(run.get("views", cfg.views)), support_features=run["support_features"],
+                       views=views, support_features=run["support_features"],
                        adapter=adapter, import_path=str(import_path) if import_path else None, recipe=recipe,
                        overridden=overridden)
 
