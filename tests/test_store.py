@@ -506,6 +506,11 @@ def test_a_support_store_whose_bank_chunk_is_gone_is_rebuilt(tmp_path, tiny):
     views = store.view_features()
     refs = store.manifest["bank_views"]["chunks"]
     assert len(refs) == 2
+    # the store's own files damaged: rebuilt from the bank, nothing encoded
+    (store.path / "view_rows.npy").write_bytes(b"garbage")
+    b1 = CacheBuilder(tiny, tmp_path, batch_size=10, progress=False, chunk_images=20)
+    assert torch.equal(b1.support(ds, samples, 2, 1, views=2).view_features(), views) and b1.encoded_images == 0
+    assert b1.built == [store.path.name]
     import shutil
 
     bank = store.path.parent / store.manifest["bank_views"]["bank"]
