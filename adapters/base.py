@@ -25,6 +25,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+# How an adapter is scored and the default val-only search live in tuning.py, which imports nothing from here at
+# run time; they are re-exported because every method imports its contract from this module.
+from adapters.tuning import accuracy, evaluate, grid_search, predict_split
+
+__all__ = ["Adapter", "AdapterContext", "FeatureSplit", "SupportSet", "accuracy", "evaluate", "grid_search",
+           "predict_split"]
+
 
 @dataclass
 class FeatureSplit:
@@ -58,6 +65,9 @@ class AdapterContext:
     """The frozen side handed to ``Adapter.setup``.
 
     ``text_head [C, D]``: L2-normalised zero-shot weights in the order of ``classnames``.
+    ``text_norms [C]``: the norm of each class's raw (unnormalised) mean text embedding, so that
+    ``text_head * text_norms[:, None]`` is the text encoder's raw output for single-template heads: methods whose
+    reference code works on raw embeddings (TaskRes, CLAP) need it; None when unknown.
     ``backbone``: the ``FrozenClip`` (needed by prompt learners and pixel adapters only).
     """
 
@@ -70,40 +80,22 @@ class AdapterContext:
     seed: int = 1
     progress: bool = True
     pixels: Any = None  # caches.data.pixels.PixelData, for input_kind == "pixels" adapters only
+    text_norms: torch.Tensor | None = None
+
+    def raw_text_norms(self, method: str) -> torch.Tensor:
+        """``text_norms [C]``, or ones with a warning when the context has none (unit-norm head)."""
+        if self.text_norms is not None:
+            return self.text_norms.float()
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: the raw text norms are unknown, so the text head is used at unit norm; the reference's step sizes "
+            "and penalty then differ by the squared raw norm", method)
+        return torch.ones(self.text_head.shape[0])
 
     @property
     def n_classes(self) -> int:
         return len(self.classnames)
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent (0-100). ``logits [N, C]``, ``labels [N]``; ties go to the lowest class."""
-    if labels.numel() == 0:
-        raise ValueError("accuracy of an empty split")
-    correct = int((logits.argmax(dim=-1) == labels.to(logits.device)).sum())
-    return correct * 100.0 / labels.numel()
-
-
-def predict_split(adapter: Adapter, split: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a whole split: ``([N, C], [N])``.
-
-    ``split`` is a ``FeatureSplit`` (cached features) or, for pixel-mode adapters, anything with a
-    ``batches()`` iterator of ``(pixels, labels)`` (``caches.data.pixels.PixelSplit``).
-    """
-    if isinstance(split, FeatureSplit):
-        return adapter.predict(split.features), split.labels
-    logits, labels = [], []
-    for x, y in split.batches():
-        logits.append(adapter.predict(x))
-        labels.append(y)
-    if not logits:
-        raise ValueError("empty split")
-    return torch.cat(logits), torch.cat(labels)
-
-
-def evaluate(adapter: Adapter, split: Any) -> float:
-    """Top-1 accuracy (percent) of ``adapter`` on a feature or pixel split."""
-    return accuracy(*predict_split(adapter, split))
 
 
 class Adapter(nn.Module, ABC):
@@ -154,8 +146,6 @@ class Adapter(nn.Module, ABC):
 
     def tune(self, val: FeatureSplit) -> dict[str, Any]:
         """Search ``hparam_grid()`` on ``val`` and keep the best. Override for a faster exact search."""
-        from adapters.tuning import grid_search
-
         return grid_search(self, val)
 
     # ------------------------------------------------------------------ cost model (adapter=auto's budget)

@@ -1,9 +1,8 @@
-"""Linear probe (Radford et al., 2021; CoOp's ``lpclip``): logistic regression on frozen image features.
+"""Linear probe (Radford et al., 2021): logistic regression on frozen image features.
 
-A multinomial logistic regression is fitted on the support features (every cached augmented view is a training
-sample) for each C in ``c_grid``, and C is chosen on val (the CLIP paper searches C on a validation split too).
-The objective is scikit-learn's (``LogisticRegression(C=C)``, L2 penalty, unpenalised intercept), divided by the
-number of samples N so that its scale does not grow with the data:
+A multinomial logistic regression is fitted on the support features and C is chosen on val (the CLIP paper searches
+C on a validation split too). The objective is scikit-learn's (``LogisticRegression(C=C)``, L2 penalty,
+unpenalised intercept), divided by the number of samples N so that its scale does not grow with the data:
 
     f(W, b) = (1/N) sum_i CE(W x_i + b, y_i) + 1 / (2 C N) ||W||^2
 
@@ -13,17 +12,27 @@ absolute gradient tolerance (``tol=1e-4``): at 1,000 classes the gradient at zer
 scikit-learn returned all-zero weights after 0 iterations, without a warning. Here the tolerance is relative to the
 problem: stop when the largest gradient entry is below ``tol`` times its value at zero. Each fit is checked
 (``training.check_optimised`` and ``check_classifier``): iterations run, loss below its value at zero, weights not
-degenerate; a fit that hits ``max_iter`` first warns with its relative gradient.
+degenerate; a fit that hits ``max_iter`` (or stalls far from the tolerance) warns with its relative gradient.
+Every fit is warm-started from the solution of the nearest C already fitted (the optimum is unique, so the start
+changes the cost, not the answer).
 
-**The C path.** The C values are fitted from the strongest regularisation (smallest C) up, each warm-started from
-the previous solution, which costs far fewer iterations than fitting each from zero. With ``patience`` > 0 the path
-stops once that many consecutive C values have not improved the val accuracy (the val accuracy of a probe rises and
-then falls with C; the large-C end is the slowest to fit): at ImageNet scale each full-batch evaluation multiplies
-a ``[160k, 1024]`` by a ``[1024, 1000]`` matrix, seconds on a CPU. ``patience: 0`` fits every C.
+Two searches:
+
+- ``search: grid`` (fewclip's default): the C values of ``c_grid`` from the strongest regularisation (smallest C)
+  up, the first best on val wins; every cached augmented view is a training sample. With ``patience`` > 0 the path
+  stops once that many consecutive C values have not improved the val accuracy (a probe's val accuracy rises and
+  then falls with C; the large-C end is the slowest to fit): at ImageNet scale each full-batch evaluation multiplies
+  a ``[160k, 1024]`` by a ``[1024, 1000]`` matrix, seconds on a CPU. ``patience: 0`` fits every C.
+- ``search: lpclip``: CoOp's ``lpclip/linear_probe.py`` (KaiyangZhou/CoOp), the CLIP paper's appendix A.3 sweep:
+  C from {1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6} (the first best on val), then ``lpclip_steps`` = 8 rounds of a
+  binary search in log10(C) between 0.1 and 10 times the peak, each round fitting both ends and keeping the better
+  (the left one on ties); the model of the last round is the result. lpclip fits on un-augmented features (the
+  eval transform), which ``protocol=reference`` supplies (``conf/recipe/linear_probe.yaml``); it also draws its
+  shots with numpy over 10 runs and uses the backbone's raw (unnormalised) features, which fewclip does not.
 
 Classes without support samples get zero weights and a -1e4 bias, so they never win. With two classes the fit is
 the symmetric softmax form, whose penalty on the logit difference is half scikit-learn's binary one (C here acts
-as 2C there).
+as 2C there). The fitted weights become a ``[C, D]`` linear layer, so prediction is a matmul.
 """
 
 from __future__ import annotations
@@ -32,9 +41,10 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,14 +124,51 @@ def lbfgs(objective: LogisticObjective, w: torch.Tensor, b: torch.Tensor, tol_gr
     return w.detach(), b.detach(), info
 
 
+LPCLIP_INIT = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)  # CoOp lpclip/linear_probe.py, search_list
+
+
+def lpclip_search(score: Callable[[float], float], steps: int = 8) -> tuple[float, list[tuple[float, float]]]:
+    """CoOp lpclip's search for C: the best of ``LPCLIP_INIT``, then ``steps`` binary-search rounds in log10(C).
+
+    Args:
+        score: ``C -> val accuracy`` (called once per distinct C).
+    Returns:
+        the C kept by the last round and the ``(C, accuracy)`` trace in evaluation order.
+    """
+    seen: dict[float, float] = {}
+    trace: list[tuple[float, float]] = []
+
+    def acc(c: float) -> float:
+        if c not in seen:
+            seen[c] = score(c)
+            trace.append((c, seen[c]))
+        return seen[c]
+
+    init = [acc(c) for c in LPCLIP_INIT]
+    peak = LPCLIP_INIT[int(np.argmax(init))]  # first maximum, as np.argmax in the reference
+    c_left, c_right = 0.1 * peak, 10.0 * peak
+    final = peak
+    for _ in range(steps):
+        if acc(c_left) < acc(c_right):
+            final = c_right
+            lo, hi = 0.5 * (np.log10(c_right) + np.log10(c_left)), np.log10(c_right)
+        else:
+            final = c_left
+            lo, hi = np.log10(c_left), 0.5 * (np.log10(c_right) + np.log10(c_left))
+        c_left, c_right = float(np.power(10, lo)), float(np.power(10, hi))
+    return final, trace
+
+
 class LinearProbe(Adapter):
     """Multinomial logistic regression on features, C chosen on val.
 
     Args:
-        c_grid: inverse regularisation strengths (scikit-learn's C), fitted from the smallest up.
+        c_grid: inverse regularisation strengths (scikit-learn's C) for ``search: grid``, fitted from the smallest up.
         max_iter: L-BFGS iterations per C.
+        search: ``grid`` or ``lpclip`` (CoOp lpclip's initial sweep + binary search).
+        lpclip_steps: rounds of the lpclip binary search.
         tol: relative gradient tolerance (largest gradient entry / its value at zero).
-        patience: stop the path after this many C values without a better val accuracy (0: fit every C).
+        patience: ``grid``: stop after this many C values without a better val accuracy (0: fit every C).
         use_views: every cached augmented view is a sample (else the view-averaged keys).
         chunk: rows per block when evaluating the objective.
     """
@@ -130,13 +177,16 @@ class LinearProbe(Adapter):
     cost = "trained on cached features (full-batch L-BFGS)"
 
     def __init__(self, c_grid: Sequence[float] = (0.001, 0.01, 0.1, 0.316, 1.0, 3.16, 10.0, 100.0),
-                 max_iter: int = 1000, tol: float = 1e-4, patience: int = 2, use_views: bool = True,
-                 chunk: int = 16384) -> None:
+                 max_iter: int = 1000, search: str = "grid", lpclip_steps: int = 8, tol: float = 1e-4,
+                 patience: int = 2, use_views: bool = True, chunk: int = 16384) -> None:
         super().__init__()
+        if search not in ("grid", "lpclip"):
+            raise ValueError(f"linear probe search must be grid or lpclip, got {search}")
         self.c_grid = sorted(float(c) for c in c_grid)
         if not self.c_grid or self.c_grid[0] <= 0:
             raise ValueError(f"linear_probe: c_grid must hold positive values, got {list(c_grid)}")
         self.max_iter, self.tol, self.patience = int(max_iter), float(tol), int(patience)
+        self.search, self.lpclip_steps = search, int(lpclip_steps)
         self.use_views, self.chunk = bool(use_views), int(chunk)
         self.C = self.c_grid[0]
         self.linear: nn.Linear | None = None
@@ -150,7 +200,7 @@ class LinearProbe(Adapter):
 
     @torch.no_grad()
     def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit, limit_s: float = math.inf) -> float:
-        """One objective evaluation (timed) x ``EVALUATIONS_PER_C`` x the C values (warm-started L-BFGS)."""
+        """One objective evaluation (timed) x ``EVALUATIONS_PER_C`` x the C values the search fits."""
         dev = self.text_head.device
         x, y = support_samples(train_set, self.use_views)
         k = int(torch.unique(y).numel())
@@ -159,10 +209,11 @@ class LinearProbe(Adapter):
         w = torch.zeros(k, x.shape[1], device=dev)
         start = time.perf_counter()
         objective(w, w.new_zeros(k))
-        return (time.perf_counter() - start) * EVALUATIONS_PER_C * len(self.c_grid)
+        fits = len(LPCLIP_INIT) + 2 * self.lpclip_steps if self.search == "lpclip" else len(self.c_grid)
+        return (time.perf_counter() - start) * EVALUATIONS_PER_C * fits
 
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
-        """Fit the C path (warm-started); keep the C with the best val accuracy (the smaller C on ties)."""
+        """Fit the C values the search asks for (warm-started); keep the C the search chooses on val."""
         dev = self.text_head.device
         x, y = support_samples(train_set, self.use_views)
         x, y = x.float().to(dev), y.to(dev)
@@ -172,51 +223,71 @@ class LinearProbe(Adapter):
         remap[present] = torch.arange(len(present), device=dev)
         objective = LogisticObjective(x, remap[y], len(present), self.chunk)
         k = len(present)
-        w, b = x.new_zeros(k, x.shape[1]), x.new_zeros(k)
-        loss0, gw0, gb0 = objective(w, b)  # at zero: log(k), the scale of the gradient tolerance
+        zero = (x.new_zeros(k, x.shape[1]), x.new_zeros(k))
+        loss0, gw0, gb0 = objective(*zero)  # at zero: log(k), the scale of the gradient tolerance
         grad0 = max(float(gw0.abs().max()), float(gb0.abs().max()))
         tol_grad = self.tol * grad0
-        curve: dict[str, float] = {}
-        fits: dict[str, dict[str, Any]] = {}
-        best, since_best, iterations = None, 0, 0
-        for c in self.c_grid:
+        solutions: dict[float, dict[str, Any]] = {}
+
+        def solve(c: float) -> dict[str, Any]:
+            if c in solutions:
+                return solutions[c]
             t = time.perf_counter()
+            near = min(solutions, key=lambda f: abs(math.log(f / c)), default=None)  # warm start
+            w0, b0 = (solutions[near]["w"], solutions[near]["b"]) if near is not None else zero
             objective.l2 = 1.0 / (c * objective.n)
-            w, b, info = lbfgs(objective, w, b, tol_grad, self.max_iter)
-            iterations += info["iterations"]
+            w, b, info = lbfgs(objective, w0, b0, tol_grad, self.max_iter)
+            before = solutions[near]["path_iterations"] if near is not None else 0
             info.update(seconds=round(time.perf_counter() - t, 3), relative_grad=info["max_grad"] / grad0,
-                        path_iterations=iterations)
-            fits[str(c)] = info
-            info["converged"] = info["max_grad"] <= tol_grad
+                        converged=info["max_grad"] <= tol_grad, warm_start=near,
+                        path_iterations=info["iterations"] + before)
             # Short of the tolerance, a stop before max_iter means the line search found no lower loss (float32
             # precision near the optimum); only a stop far from it is a failure worth a warning.
             if not info["converged"] and (info["iterations"] >= self.max_iter or info["relative_grad"] > STALL_TOL):
                 why = f"max_iter={self.max_iter}" if info["iterations"] >= self.max_iter else "a failed line search"
                 message = (f"linear_probe: C={c:g} stopped at {why} before converging (largest gradient "
                            f"{info['relative_grad']:.2g} of its value at zero, tolerance {self.tol:g})")
-                warnings.warn(message, NotOptimisedWarning, stacklevel=2)
+                warnings.warn(message, NotOptimisedWarning, stacklevel=3)
                 log.warning(message)
-            self._load(*self._full_weights(w, b, present, n_cls))
+            solutions[c] = {**info, "w": w, "b": b}
+            return solutions[c]
+
+        def score(c: float) -> float:
+            sol = solve(c)
+            self._load(*self._full_weights(sol["w"], sol["b"], present, n_cls))
             acc = accuracy(self.predict(val.features), val.labels)
-            curve[str(c)] = acc
             log.info("linear_probe: C=%g val %.2f%% (%d iterations, %.1f s, relative gradient %.2g)", c, acc,
-                     info["iterations"], info["seconds"], info["relative_grad"])
-            if best is None or acc > best[0]:
-                best, since_best = (acc, c, w.clone(), b.clone(), iterations, info["loss"]), 0
-            else:
-                since_best += 1
-                if self.patience and since_best >= self.patience:
-                    break
-        acc, self.C, w, b, iterations, loss = best
-        weight, bias = self._full_weights(w, b, present, n_cls)
+                     sol["iterations"], sol["seconds"], sol["relative_grad"])
+            return acc
+
+        if self.search == "lpclip":
+            self.C, trace = lpclip_search(score, self.lpclip_steps)
+            curve = {repr(c): a for c, a in trace}
+            method, skipped = "lpclip (initial sweep + binary search over C)", []
+        else:
+            curve, best_acc, since_best = {}, -1.0, 0
+            for c in self.c_grid:
+                curve[str(c)] = score(c)
+                if curve[str(c)] > best_acc:
+                    best_acc, self.C, since_best = curve[str(c)], c, 0
+                else:
+                    since_best += 1
+                    if self.patience and since_best >= self.patience:
+                        break
+            method = "C path (warm-started L-BFGS), best val accuracy"
+            skipped = [c for c in self.c_grid if str(c) not in curve]
+        chosen = solutions[self.C]
+        weight, bias = self._full_weights(chosen["w"], chosen["b"], present, n_cls)
         check_classifier("linear_probe", weight[present], bias[present])
-        # From zero along the path to the chosen C: the objective at zero is log(k), the uniform prediction.
-        optimisation = check_optimised(f"linear_probe (C={self.C:g})", iterations, loss0, loss)
+        # From zero along the warm starts to the chosen C: the objective at zero is log(k), the uniform prediction.
+        optimisation = check_optimised(f"linear_probe (C={self.C:g})", chosen["path_iterations"], loss0,
+                                       chosen["loss"])
         self._load(weight, bias)
-        skipped = [c for c in self.c_grid if str(c) not in curve]
-        return {"method": "C path (warm-started L-BFGS), best val accuracy", "on": "val", "val_acc_per_C": curve,
-                "skipped_C": skipped, "fits": fits, "optimisation": optimisation,
-                "mode": "features (cached views as samples)" if self.use_views else "features (keys)"}
+        fits = {repr(c): {k: v for k, v in sol.items() if k not in ("w", "b")} for c, sol in solutions.items()}
+        views = self.use_views and train_set.views is not None and train_set.views.shape[0] > 1
+        return {"method": method, "on": "val", "val_acc_per_C": curve, "skipped_C": skipped, "fits": fits,
+                "optimisation": optimisation,
+                "mode": "features (cached views as samples)" if views else "features (one per image)"}
 
     @staticmethod
     def _full_weights(w: torch.Tensor, b: torch.Tensor, present: torch.Tensor, n_cls: int
