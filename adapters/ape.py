@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit
-from adapters.tip import alpha_accuracies, beta_alpha_grid, class_sum, label_block, linear_grid
+from adapters.tip import TipAdapter, alpha_accuracies, beta_alpha_grid, class_sum, label_block, linear_grid
 from adapters.training import TrainsOnFeatures
 
 log = logging.getLogger(__name__)
@@ -200,14 +200,8 @@ class APE(Adapter):
         return {"method": "grid (affinities once, all alphas per beta and gamma)", "on": "val", "grid_size": size,
                 "val_acc": best_acc}
 
-    @torch.no_grad()
-    def estimate_tune_seconds(self, val: FeatureSplit) -> float:
-        """The search's set-up plus ``beta_steps`` times one beta, timed on the first two betas."""
-        grid = self.hparam_grid()
-        if not grid:
-            return 0.0
-        _, _, timing = self._search(val, grid, n_betas=2)
-        return timing["prepare_s"] + len(grid["beta"]) * timing["per_beta_s"]
+    # The same cost model as Tip-Adapter's: the search's set-up plus beta_steps times one probed beta.
+    estimate_tune_seconds = TipAdapter.estimate_tune_seconds
 
     def _search(self, val: FeatureSplit, grid: dict[str, list[float]], n_betas: int | None = None
                 ) -> tuple[tuple[float, float, float], float, dict[str, float]]:
