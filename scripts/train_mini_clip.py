@@ -654,8 +654,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
                    help="comma-separated: openclipart, emoji, glyphs, csv:PATH (columns path,caption)")
     p.add_argument("--model-config", type=Path, default=CONFIG_DIR / "fewclip-mini.json",
                    help="open_clip model config JSON (its file stem is the model name)")
-    p.add_argument("--epochs", type=int, default=9)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=7)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps with a linear warm-up")
