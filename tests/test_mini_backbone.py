@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.cli import compose
-from adapters.runner import run
 from caches.backbone import FrozenClip, bundled_weights
+from fewclip.config import compose
+from fewclip.runner import run
 
 pytestmark = pytest.mark.mini
 
