@@ -66,10 +66,6 @@ def test_mini_loads_through_the_local_file_path():
     by_path = FrozenClip("fewclip-mini", str(WEIGHTS), device="cpu")
     x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(by_path.encode_images(x), backbone.encode_images(x))
-    # Trained, not random: the features of different images are far from collapsed.
-    f = backbone.encode_images(x)
-    off = (f @ f.T)[~torch.eye(3, dtype=torch.bool)]
-    assert float(off.mean()) < 0.9, f"mean cosine between random images {float(off.mean()):.3f}"
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
