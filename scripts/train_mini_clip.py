@@ -29,7 +29,7 @@ checkpoint (safetensors + JSON; no pickles). The weights are written as fp16 saf
 state-dict layout, loadable by ``open_clip.create_model(name, pretrained=FILE)`` and by
 ``fewclip run backbone=open_clip backbone.model=NAME backbone.pretrained=FILE``.
 
-    python scripts/train_mini_clip.py --stop-after-epoch 4   # the shipped model: 4 epochs of the 7-epoch schedule
+    python scripts/train_mini_clip.py --stop-after-epoch 3   # the shipped model: 3 epochs of the 7-epoch schedule
     python scripts/train_mini_clip.py --epochs 2 --out /tmp/mini.safetensors   # a short trial
     python scripts/train_mini_clip.py --sources openclipart,emoji,glyphs,csv:my_pairs.csv --epochs 40 \\
         --model-config my_bigger.json --out my_model.safetensors
@@ -664,7 +664,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
                    help="Openclipart folders with more drawings keep a seeded sample of this many")
     p.add_argument("--stop-after-epoch", type=int, default=0,
                    help="end training after this many epochs of the --epochs schedule (0: all of them). The "
-                        "shipped model stopped after 4 of 7 for time, before the learning rate had decayed; "
+                        "shipped model stopped after 3 of 7 for time, before the learning rate had decayed; "
                         "a run resumed from the checkpoint of the same schedule continues it exactly")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all); for trials")
     p.add_argument("--seed", type=int, default=0)

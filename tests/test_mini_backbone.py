@@ -16,6 +16,7 @@ import torch
 
 from caches.backbone import FrozenClip, bundled_weights
 from fewclip.config import compose
+from fewclip.demo import DEMO_SHORT
 from fewclip.runner import run
 
 pytestmark = pytest.mark.mini
@@ -27,8 +28,7 @@ DATASETS = ["digits", pytest.param("fashion_mnist", marks=pytest.mark.skipif(
     not HAS_FASHION, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"))]
 # Trainable adapters that read cached features (the pixel-mode ones are checked in the slow test below).
 TRAINED = ["lp_pp", "linear_probe", "clap", "tip_f", "ape_t", "clip_adapter", "taskres", "coop", "kgcoop", "cocoop"]
-PIXELS = {"coop_pixels": ["adapter.epochs=10"], "maple": ["adapter.epochs=2"], "dpt": ["adapter.epochs=8",
-                                                                                       "adapter.guidance_epochs=4"]}
+PIXELS = DEMO_SHORT  # the demo's shorter schedules for the pixel-mode adapters
 
 
 @pytest.fixture(scope="module")
