@@ -16,8 +16,10 @@ def user_error(e: BaseException) -> BaseException | None:
     from caches.backbone import UnsupportedBackboneError, WeightsUnavailableError
     from caches.data.records import DatasetError
     from caches.store import StoreError
+    from fewclip.recipes import RecipeError
 
-    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError)
+    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError,
+             RecipeError)
     while e is not None:
         if isinstance(e, kinds):
             return e
