@@ -10,7 +10,12 @@ Weights come from one of four places:
 * a local weights file (``pretrained=/path/to/weights.bin``);
 * an open_clip ``local-dir:`` folder holding ``open_clip_config.json`` and a checkpoint;
 * ``model=fewclip-tiny`` with ``pretrained=null``: a tiny randomly initialised model built from a fixed
-  seed, so it is the same model on every machine and needs no download (tests and demos).
+  seed, so it is the same model on every machine and needs no download (unit tests).
+
+``backbone=mini`` (``model=fewclip-mini``) is a small CLIP trained on public-domain clip art, emoji and rendered
+characters (``caches/model_configs/fewclip-mini.md``). Its weights ship in ``caches/model_configs/`` and load
+as a local weights file: ``pretrained=fewclip-mini.safetensors``, a bare file name that is not a file in the
+working directory, is looked up there (``bundled_weights``).
 """
 
 from __future__ import annotations
@@ -70,6 +75,14 @@ def _register_fewclip_configs() -> None:
         open_clip.add_model_config(_CONFIG_DIR)
 
 
+def bundled_weights(pretrained: str | None) -> str | None:
+    """``pretrained`` as given, or the path of the weights file of that bare name in ``caches/model_configs/``."""
+    if (pretrained and os.sep not in pretrained and not os.path.isfile(pretrained)
+            and (_CONFIG_DIR / pretrained).is_file()):
+        return str(_CONFIG_DIR / pretrained)
+    return pretrained
+
+
 def state_dict_hash(module: torch.nn.Module) -> str:
     """Hex sha256 over parameter names, shapes and bytes: identifies randomly initialised weights."""
     h = hashlib.sha256()
@@ -113,7 +126,7 @@ def _offline_message(model: str, tag: str) -> str:
         "cache.\nFixes: download the weights on a machine with internet and pass the file with "
         f"'backbone.model={model} backbone.pretrained=/path/to/open_clip_pytorch_model.bin' (or an open_clip "
         "folder with 'backbone.model=local-dir:/path/to/folder'), copy a Hugging Face cache into HF_HOME, "
-        "or run the offline demo with 'backbone=tiny'."
+        "or run offline with the bundled small model 'backbone=mini'."
     )
 
 
@@ -255,6 +268,7 @@ class FrozenClip:
         import open_clip
 
         _register_fewclip_configs()
+        pretrained = bundled_weights(pretrained)
         self.model_name = model
         self.pretrained = pretrained
         self.name = name or model.replace("/", "-").replace(":", "_")
@@ -564,6 +578,7 @@ def load_backbone(
     prompts outside it). A local weights file is keyed by its size and modification time too.
     """
     stamp = None
+    pretrained = bundled_weights(pretrained)
     if pretrained is not None and os.path.isfile(pretrained):
         st = os.stat(pretrained)
         stamp = (st.st_size, st.st_mtime_ns)

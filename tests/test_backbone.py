@@ -80,7 +80,7 @@ def test_unfetchable_weights_fail_fast_with_the_fix(monkeypatch, tmp_path):
         FrozenClip("ViT-B-16-quickgelu", "openai", device="cpu", weights_cache_dir=str(tmp_path / "hf"))
     assert time.perf_counter() - t < 10
     msg = str(err.value)
-    assert "backbone.pretrained=" in msg and "backbone=tiny" in msg and "local-dir:" in msg
+    assert "backbone.pretrained=" in msg and "backbone=mini" in msg and "local-dir:" in msg
 
 
 def test_tiny_features_depend_on_the_image(tiny):

@@ -2,9 +2,10 @@
 
     fewclip run [OVERRIDES...]        one job (Hydra overrides: adapter=tip shots=4 seed=2 ...)
     fewclip run -m [OVERRIDES...]     a sweep (Hydra multirun: adapter=zero_shot,tip seed=1,2,3)
-    fewclip demo [--out DIR] [OVERRIDES...]
-                                      every adapter on the embedded digits set with the tiny backbone,
-                                      then a comparison table
+    fewclip demo [--out DIR] [--curve a,b] [OVERRIDES...]
+                                      every adapter on the embedded digits set (+ Fashion-MNIST when
+                                      installed) with the bundled fewclip-mini backbone, then comparison
+                                      tables and the accuracy-vs-shots plot
     fewclip fit [OVERRIDES...] [out=DIR]
                                       fit one adapter on your data and write a self-contained artifact
                                       (state, text head, support store, backbone identity, val/test figures)
@@ -93,77 +94,6 @@ def _run_hydra(overrides: list[str]) -> int:
     return 0
 
 
-def _demo_datasets(choice: str | None) -> list[str]:
-    """digits always; Fashion-MNIST too when its files are installed (Debian's dataset-fashion-mnist)."""
-    if choice:
-        return choice.split(",")
-    from omegaconf import OmegaConf
-
-    from fewclip.config import conf_dir
-
-    names = ["digits"]
-    fashion_root = Path(OmegaConf.load(conf_dir() / "dataset" / "fashion_mnist.yaml").root)
-    if (fashion_root / "t10k-images-idx3-ubyte.gz").is_file() or (fashion_root / "t10k-images-idx3-ubyte").is_file():
-        names.append("fashion_mnist")
-    return names
-
-
-def demo(argv: list[str]) -> int:
-    """Every adapter on digits (and Fashion-MNIST when installed) with the tiny backbone, then tables."""
-    import pandas as pd
-
-    from fewclip.config import compose, group_options
-    from fewclip.runner import run
-
-    p = argparse.ArgumentParser(prog="fewclip demo", description=demo.__doc__)
-    p.add_argument("--out", default="outputs/demo", help="where each job's result.json goes")
-    p.add_argument("--adapters", default=None, help="comma-separated subset (default: every adapter)")
-    p.add_argument("--datasets", default=None,
-                   help="comma-separated datasets (default: digits, plus fashion_mnist when installed)")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. shots=4 backbone=rn50")
-    args = p.parse_args(argv)
-    quiet_logging()
-    adapters = args.adapters.split(",") if args.adapters else group_options("adapter")
-    lines: list[str] = []
-    weights = ""
-    for dataset in _demo_datasets(args.datasets):
-        rows = []
-        for name in adapters:
-            cfg = compose([f"dataset={dataset}", f"adapter={name}", *args.overrides])
-            try:
-                res = run(cfg, out_dir=Path(args.out) / dataset / name)
-            except Exception as e:
-                if (err := user_error(e)) is None:
-                    raise
-                log.error("%s", err)
-                return 2
-            rows.append({"adapter": name, "val acc": res["val_acc"], "test acc": res["test_acc"],
-                         "hparams": fmt_hparams(res["hparams"]),
-                         "fit+search s": res["timings_s"]["fit"] + res["timings_s"]["search"],
-                         "total s": res["timings_s"]["total"]})
-        weights = res["protocol"]["backbone_weights"]
-        lines += [
-            "",
-            f"dataset={res['dataset']} backbone={res['backbone']} shots={res['shots']} seed={res['seed']} "
-            f"({res['n_classes']} classes, {res['n_support']} support images x {cfg.views} views, "
-            f"{res['n_val']} val, {res['n_test']} test)",
-            pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"),
-        ]
-    lines.append("")
-    if weights.startswith("random:"):
-        lines += [
-            "The tiny backbone is RANDOMLY INITIALISED: these accuracies only show that the pipeline works,",
-            "they say nothing about the methods. With real CLIP weights (internet once, or a local file):",
-            "  fewclip demo backbone=vit_b16",
-            "  fewclip run backbone=rn50 backbone.pretrained=/path/to/RN50.bin dataset=folder "
-            "dataset.root=/path/to/images adapter=tip",
-            "",
-        ]
-    lines.append(f"result.json files: {Path(args.out).resolve()}/<dataset>/<adapter>/result.json")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
-
-
 def data_check(argv: list[str]) -> int:
     """Validate a dataset's local copy and print what is missing with the expected layout."""
     from hydra.utils import instantiate
@@ -198,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "run":
         return _run_hydra(rest)
     if cmd == "demo":
-        return demo(rest)
+        from fewclip.demo import main as demo_main
+
+        return demo_main(rest)
     if cmd in ("fit", "predict", "add-class"):
         from fewclip import artifact
 

@@ -1,0 +1,140 @@
+"""fewclip-mini on real images: the bundled weights load like a user's file and their features mean something.
+
+Digits (shipped with scikit-learn) always run; Fashion-MNIST runs when Debian's ``dataset-fashion-mnist`` is
+installed. Every threshold sits well inside the margin measured when it was set (the figures are in
+``caches/model_configs/fewclip-mini.md``), and every failure message states the figures it saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from caches.backbone import FrozenClip, bundled_weights
+from fewclip.config import compose
+from fewclip.demo import DEMO_SHORT
+from fewclip.runner import run
+
+pytestmark = pytest.mark.mini
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "caches" / "model_configs" / "fewclip-mini.safetensors"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+HAS_FASHION = any((FASHION / f"t10k-images-idx3-ubyte{s}").is_file() for s in ("", ".gz"))
+DATASETS = ["digits", pytest.param("fashion_mnist", marks=pytest.mark.skipif(
+    not HAS_FASHION, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"))]
+# Trainable adapters that read cached features (the pixel-mode ones are checked in the slow test below).
+TRAINED = ["lp_pp", "linear_probe", "clap", "tip_f", "ape_t", "clip_adapter", "taskres", "coop", "kgcoop", "cocoop"]
+# Shorter schedules where the published one costs minutes on 2 CPU cores (the claim checked, above zero-shot on
+# val, does not need the full schedule).
+SHORT = {"coop": ["adapter.epochs=20"], "kgcoop": ["adapter.epochs=20"], "cocoop": ["adapter.epochs=2"],
+         "clip_adapter": ["adapter.epochs=50"]}
+PIXELS = DEMO_SHORT  # the demo's shorter schedules for the pixel-mode adapters
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mini_cache")
+
+
+_RESULTS: dict[tuple, dict] = {}
+
+
+def _run(cache: Path, tmp: Path, dataset: str, adapter: str, shots: int = 16, *extra: str) -> dict:
+    key = (dataset, adapter, shots, extra)
+    if key not in _RESULTS:
+        cfg = compose([f"cache_dir={cache}", "progress=false", "device=cpu", "backbone=mini", f"dataset={dataset}",
+                       f"adapter={adapter}", f"shots={shots}", *extra])
+        _RESULTS[key] = run(cfg, out_dir=tmp / f"{dataset}-{adapter}-{shots}-{len(_RESULTS)}")
+    return _RESULTS[key]
+
+
+def test_mini_loads_through_the_local_file_path():
+    assert WEIGHTS.is_file(), f"{WEIGHTS} is missing"
+    size_mb = WEIGHTS.stat().st_size / 2**20
+    assert size_mb <= 15, f"weights file is {size_mb:.1f} MiB"
+    assert bundled_weights("fewclip-mini.safetensors") == str(WEIGHTS)
+    from hydra.utils import instantiate
+
+    backbone = instantiate(compose(["backbone=mini", "device=cpu"]).backbone)
+    digest = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
+    assert backbone.weights_id == f"file-sha256:{digest[:16]}"
+    assert backbone.describe()["pretrained"] == "fewclip-mini.safetensors"
+    # Its own preprocessing: the config's image size with CLIP's mean/std (what it was trained with).
+    assert backbone.image_spec.size == 48
+    assert backbone.image_spec.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    # The same weights by an explicit path give the same features (one loading path, no special case).
+    by_path = FrozenClip("fewclip-mini", str(WEIGHTS), device="cpu")
+    x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(by_path.encode_images(x), backbone.encode_images(x))
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_zero_shot_matches_an_independent_computation(cache, tmp_path, dataset):
+    from hydra.utils import instantiate
+
+    from caches.data.augment import eval_transform
+
+    res = _run(cache, tmp_path, dataset, "zero_shot")
+    cfg = compose(["backbone=mini", "device=cpu", f"dataset={dataset}"])
+    backbone, ds = instantiate(cfg.backbone), instantiate(cfg.dataset)
+    # Independent: encode the test images here, score them against the template-mean text head.
+    tf = eval_transform(backbone.image_spec)
+    test = ds.splits["test"]
+    feats = torch.cat([backbone.encode_images(torch.stack([tf(ds.load_image(s)) for s in test[i:i + 512]]))
+                       for i in range(0, len(test), 512)])
+    text = backbone.encode_texts([t.format(c) for c in ds.classnames for t in ds.templates])
+    head = torch.nn.functional.normalize(text.view(len(ds.classnames), len(ds.templates), -1).mean(1), dim=-1)
+    labels = np.array([s.label for s in test])
+    acc = float(((feats @ head.T).argmax(1).numpy() == labels).mean()) * 100
+    assert res["test_acc"] == pytest.approx(acc, abs=0.4), (res["test_acc"], acc)
+
+
+# The shipped weights are under-trained (3 of 7 planned epochs, see the model card): their zero-shot accuracy on
+# digits is below chance. Strict: a retrained model that beats chance turns this into a failure to update.
+@pytest.mark.parametrize("dataset", [pytest.param("digits", marks=pytest.mark.xfail(
+    strict=True, reason="fewclip-mini (3 epochs) scores below chance zero-shot on digits")), *DATASETS[1:]])
+def test_zero_shot_beats_chance(cache, tmp_path, dataset):
+    res = _run(cache, tmp_path, dataset, "zero_shot")
+    chance = 100.0 / res["n_classes"]
+    # Measured: digits 9.46%, Fashion-MNIST 11.02% (10,000 test images: 1 point is about 3 standard errors).
+    assert res["test_acc"] > chance + 0.5, f"{dataset}: zero-shot {res['test_acc']:.2f}% vs chance {chance:.1f}%"
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_tip_adapter_beats_zero_shot_at_16_shots(cache, tmp_path, dataset):
+    zs = _run(cache, tmp_path, dataset, "zero_shot")
+    tip = _run(cache, tmp_path, dataset, "tip")
+    assert tip["test_acc"] > zs["test_acc"] + 5, (
+        f"{dataset}: Tip-Adapter {tip['test_acc']:.2f}% vs zero-shot {zs['test_acc']:.2f}% at 16 shots")
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("adapter", ["tip", "gda", "linear_probe"])
+def test_accuracy_grows_from_1_to_16_shots(cache, tmp_path, dataset, adapter):
+    one = _run(cache, tmp_path, dataset, adapter, 1)
+    sixteen = _run(cache, tmp_path, dataset, adapter, 16)
+    assert sixteen["test_acc"] > one["test_acc"] + 5, (
+        f"{dataset} {adapter}: {one['test_acc']:.2f}% at 1 shot, {sixteen['test_acc']:.2f}% at 16 shots")
+
+
+@pytest.mark.parametrize("adapter", TRAINED)
+def test_each_trainable_adapter_ends_above_zero_shot_on_val(cache, tmp_path, adapter):
+    zs = _run(cache, tmp_path, "digits", "zero_shot")
+    res = _run(cache, tmp_path, "digits", adapter, 16, *SHORT.get(adapter, []))
+    assert res["val_acc"] > zs["val_acc"], (
+        f"digits {adapter} {' '.join(SHORT.get(adapter, []))}: val {res['val_acc']:.2f}% vs zero-shot val "
+        f"{zs['val_acc']:.2f}% (16 shots, {res['n_val']} val images)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", sorted(PIXELS))
+def test_pixel_adapters_end_above_zero_shot_on_val(cache, tmp_path, adapter):
+    zs = _run(cache, tmp_path, "digits", "zero_shot")
+    res = _run(cache, tmp_path, "digits", adapter, 16, *PIXELS[adapter])
+    assert res["val_acc"] > zs["val_acc"], (
+        f"digits {adapter} ({', '.join(PIXELS[adapter])}): val {res['val_acc']:.2f}% vs zero-shot val "
+        f"{zs['val_acc']:.2f}%")
