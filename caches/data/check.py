@@ -56,6 +56,8 @@ def check_dataset(dataset: ImageDataset, open_images: bool = True, progress: boo
     if report.unreadable:
         report.problems.append(f"{len(report.unreadable)} unreadable images, e.g. {report.unreadable[:3]}")
     evaluation_only = dataset.parent_labels is not None
+    if dataset.n_classes < 2 and not evaluation_only:
+        report.problems.append(f"{dataset.n_classes} class: a classifier needs at least 2")
     for split in (("test",) if evaluation_only else SPLITS):
         empty = [c for c in dataset.classnames if per_class[split].get(c, 0) == 0]
         if empty:
