@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from adapters.base import Adapter, FeatureSplit, SupportSet, evaluate
+from caches.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def train(
     spec: TrainSpec,
     seed: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "train",
     mode: str = "features (cached views)",
     steps_per_epoch: int | None = None,
@@ -148,7 +148,7 @@ def train(
     best_acc, best_epoch, best_state = -1.0, spec.epochs, None
     losses: list[float] = []
     val_accs: list[float] = []
-    bar = tqdm(range(1, spec.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
+    bar = Progress(range(1, spec.epochs + 1), desc=desc, unit="epoch", enabled=progress, leave=False)
     for epoch in bar:
         adapter.train()
         if start_epoch is not None:  # methods whose loss changes with the epoch (DPT's warm-up losses)

@@ -15,11 +15,12 @@ Weights come from one of four places:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,26 @@ def check_local_dir(model: str) -> None:
             f"backbone.model={model}: the folder has a config but no weights (open_clip reads "
             f"{', '.join('*' + x for x in _CHECKPOINT_SUFFIXES)}; found {found}){hint}. Refusing to run on randomly "
             "initialised weights.")
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _expected_random_init(expected: bool) -> Iterator[None]:
+    """Silence open_clip's "initialized randomly" warning (logged on the root logger) where random weights were
+    asked for (``pretrained=None``, the tiny test model): ``weights_id`` records them as ``random:<hash>``."""
+    if not expected:
+        yield
+        return
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def create_clip(model: str, weights: str | None, **kwargs: Any) -> torch.nn.Module:
@@ -410,7 +431,8 @@ class FrozenClip:
             kwargs["force_quick_gelu"] = True
         # Random initialisation draws from the global torch RNG; fork it so that building the model neither
         # depends on nor disturbs the caller's random state, and the tiny model is identical everywhere.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _expected_random_init(weights is None and pretrained is None
+                                                                        and not model.startswith("local-dir:")):
             torch.manual_seed(seed)
             self.model = create_clip(model, weights, **kwargs)
         self.model.eval().requires_grad_(False)

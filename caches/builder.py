@@ -27,13 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from caches.backbone import FrozenClip
 from caches.data.augment import AugmentSpec, augmented_view, eval_transform, view_generator
 from caches.data.pixels import PixelSplit
 from caches.data.records import ImageDataset, Sample, sample_stamp
 from caches.locks import file_lock
+from caches.progress import Progress
 from caches.store import KVStore, StoreError, fingerprint
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,11 @@ class CacheBuilder:
         cache_dir: root of all stores.
         batch_size: images per encoder forward (views count as images).
         num_workers: DataLoader workers; ``None`` picks 0 for in-memory datasets and up to 4 otherwise.
-        progress: show progress bars.
+        progress: progress bars (None: on a terminal only; otherwise a log line per stage).
     """
 
     def __init__(self, backbone: FrozenClip, cache_dir: str | os.PathLike, batch_size: int = 64,
-                 num_workers: int | None = None, progress: bool = True) -> None:
+                 num_workers: int | None = None, progress: bool | None = None) -> None:
         self.backbone = backbone
         self.cache_dir = Path(cache_dir)
         self.batch_size = batch_size
@@ -191,8 +191,7 @@ class CacheBuilder:
                             pin_memory=self.backbone.device.type == "cuda")
         feats, oks = [], []
         t0 = time.perf_counter()
-        with tqdm(total=len(ds) * n_views, desc=desc, unit="img", disable=not self.progress,
-                  leave=False) as bar:
+        with Progress(total=len(ds) * n_views, desc=desc, unit="img", enabled=self.progress, leave=False) as bar:
             for pixels, ok in loader:
                 b = pixels.shape[0]
                 f = self.encode_pixels(pixels.flatten(0, 1))

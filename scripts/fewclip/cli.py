@@ -24,10 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from fewclip import completion
 from fewclip.console import fmt_hparams, quiet_logging, user_error
 
 log = logging.getLogger("fewclip")
@@ -35,21 +39,58 @@ log = logging.getLogger("fewclip")
 USAGE = __doc__ or ""
 
 
-def _run_hydra(overrides: list[str]) -> int:
-    import hydra
+# Settings a user must give for some options: what the missing value error should say.
+MISSING_HINTS = {
+    "backbone.model": "backbone=open_clip needs backbone.model=ARCH (e.g. ViT-B-32; open_clip.list_models() lists "
+                      "them) and backbone.pretrained=TAG or a weights file, or "
+                      "backbone.model=local-dir:/path/to/folder",
+}
+
+
+def config_error(e: BaseException) -> str | None:
+    """One line for an error Hydra or OmegaConf raised while composing the config or naming the output folder
+    (a bad override, an unknown option, a value of the wrong type, a missing mandatory value); None for others."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(e, (HydraException, OmegaConfBaseException)):
+        return None
+    missing = re.search(r"Missing mandatory value: ([\w.]+)", f"{e}\n{e.__cause__}")
+    if missing:
+        key = missing.group(1)
+        return f"{key} is not set: {MISSING_HINTS.get(key, f'pass {key}=VALUE')}"
+    text = str(e)
+    if e.__cause__ is not None and str(e.__cause__) not in text:
+        text += "\n" + str(e.__cause__)
+    # One line: Hydra's indented lists ("Available options in 'adapter':" then one option per line) are joined
+    # with commas, the other lines with semicolons.
+    out: list[str] = []
+    listing = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("object_type="):
+            continue
+        if line.startswith("Config search path"):  # where Hydra looked: not the user's concern
+            break
+        if listing and raw[:1] in ("\t", " "):
+            out[-1] += (" " if out[-1].endswith(":") else ", ") + line
+            continue
+        listing = line.endswith(":")
+        out.append(line)
+    return "; ".join(out)
+
+
+def _job_function(result_line: bool = True) -> Any:
+    """The Hydra task function of ``fewclip run``: one job; returns its val accuracy (never test), the value
+    Hydra's sweepers (Optuna) optimise, or None when the job failed."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
     from fewclip import sweep
-    from fewclip.config import conf_dir, register_schema
-    from fewclip.runner import run
+    from fewclip.runner import RESULT_FILE, run
 
-    register_schema()
-    sweep.last_summary = None
-
-    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
-    def job(cfg: DictConfig) -> None:
+    def job(cfg: DictConfig) -> float | None:
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
         out = Path(hc.runtime.output_dir)
@@ -71,21 +112,66 @@ def _run_hydra(overrides: list[str]) -> int:
                 raise SystemExit(2) from None
             log.error("%s failed: %s (%s)", label, err or f"{type(e).__name__}: {e}", out / sweep.ERROR_FILE)
             sweep.job_progress(hc.job.num, f"{label}: FAILED after {time.perf_counter() - t:.1f} s")
-            return
+            return None
         sweep.clear_failure(out)
         line = (f"{label}: val {res['val_acc']:.2f}%  test {res['test_acc']:.2f}%  "
                 f"hparams {fmt_hparams(res['hparams'])}")
         if multirun:
             status = "already done, skipped" if res.get("resumed") else f"{time.perf_counter() - t:.1f} s"
             sweep.job_progress(hc.job.num, f"{line}  ({status})")
-        else:
-            sys.stdout.write(line + "\n")
+        elif result_line:
+            sys.stdout.write(f"{line}\nresult: {out / RESULT_FILE}\n")
+        return float(res["val_acc"])
 
+    return job
+
+
+def _run_hydra(overrides: list[str]) -> int:
+    import hydra
+
+    from fewclip import sweep
+    from fewclip.config import conf_dir, register_schema
+
+    if (done := completion.handle(overrides)) is not None:
+        return done
+    register_schema()
+    sweep.last_summary = None
+    task = _job_function()
+    started = []
+
+    def job(cfg: Any) -> float | None:
+        started.append(True)
+        return task(cfg)
+
+    main_fn = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(job)
     sys.argv = ["fewclip run", *overrides]
-    job()
+    # Hydra prints its own errors and exits 1; with HYDRA_FULL_ERROR they reach us, and a config error (bad
+    # override, unknown option, missing value) becomes one line and exit 2, as every other bad input.
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main_fn()
+    except Exception as e:
+        msg = None if started and not isinstance(e, _composition_errors()) else config_error(e)
+        if msg is None:
+            raise
+        sys.stderr.write(f"fewclip run: {msg}\n")
+        return 2
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
     if sweep.last_summary is not None and sweep.last_summary["failed"]:
         return 1
     return 0
+
+
+def _composition_errors() -> tuple[type, ...]:
+    """Errors that are the user's config even when raised after a job started (a sweep composes each job)."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    return (ConfigCompositionException, OverrideParseException)
 
 
 def _demo_datasets(choice: str | None) -> list[str]:
@@ -190,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("-sc", "--shell-completion"):  # Hydra's flag given before the command: completion is run's
+        cmd, rest = "run", argv
     if cmd == "run":
         return _run_hydra(rest)
     if cmd == "demo":

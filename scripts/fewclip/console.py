@@ -13,11 +13,13 @@ from typing import Any
 
 def user_error(e: BaseException) -> BaseException | None:
     """The bad-input error behind ``e`` (Hydra wraps errors raised while instantiating), or None."""
-    from caches.backbone import UnsupportedBackboneError, WeightsUnavailableError
+    from caches.backbone import BackboneConfigError, UnsupportedBackboneError, WeightsUnavailableError
     from caches.data.records import DatasetError
     from caches.store import StoreError
+    from fewclip.config import SettingsError
 
-    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError)
+    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, BackboneConfigError, StoreError,
+             SettingsError, FileNotFoundError)
     while e is not None:
         if isinstance(e, kinds):
             return e
@@ -25,11 +27,25 @@ def user_error(e: BaseException) -> BaseException | None:
     return None
 
 
+QUIET_LOGGERS = ("faiss", "PIL", "matplotlib", "urllib3", "filelock", "huggingface_hub")
+"""Third-party loggers kept at WARNING (faiss logs six lines per process about which library it loaded)."""
+
+
+class QuietRoot(logging.Filter):
+    """Drop INFO and DEBUG records of the root logger: fewclip never logs there, open_clip does (a dozen lines per
+    model built). Used by the job log file (``conf/hydra/job_logging/fewclip.yaml``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "root" or record.levelno >= logging.WARNING
+
+
 def quiet_logging() -> None:
     """fewclip's own INFO lines; third-party libraries (open_clip logs to the root logger) at WARNING."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("fewclip", "adapters", "caches"):
         logging.getLogger(name).setLevel(logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def fmt_hparams(hp: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 
 Order of work, which is also the protocol:
 
-1. build the backbone and the dataset; draw K shots per class from train and min(K, 4) per class from val;
+0. check what is cheap to check: the settings, the dataset (readable, two classes or more, K shots per class
+   available): bad input is reported before the backbone loads;
+1. build the dataset; draw K shots per class from train and min(K, 4) per class from val; load the backbone;
 2. build or load the text head, support and val stores;
 3. ``adapter.setup`` -> ``fit(support, val)`` -> ``tune(val)``: every choice is made on val;
 4. build or load the test store and evaluate on it, once;
@@ -28,8 +30,9 @@ from caches.builder import CacheBuilder, describe_stores
 from caches.data.augment import AugmentSpec
 from caches.data.fewshot import persist_fewshot, sample_fewshot, select
 from caches.data.pixels import PixelData
-from caches.data.records import DatasetError
+from caches.data.records import DatasetError, check_trainable
 from caches.store import KVStore
+from fewclip.config import check_settings
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +231,7 @@ def eval_split(builder: CacheBuilder, dataset: Any, samples: list, pixel_mode: b
 def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run one job and write ``result.json`` into ``out_dir`` (default: the Hydra output directory)."""
     t_start = time.perf_counter()
+    check_settings(cfg)
     if out_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
@@ -237,20 +241,22 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     if cfg.get("resume", True) and (done := finished_result(out, cfg)) is not None:
         log.info("skipping %s: result.json of the same config exists (resume=false runs it again)", out)
         return {**done, "resumed": True}
-    names = {g: group_choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
+    # The adapter by its option; the dataset and backbone by name (the option's, or a folder's or model's: two
+    # folder datasets must not share the name "folder" in reports).
+    names = {"adapter": group_choice(cfg, "adapter"), "dataset": str(cfg.dataset.name),
+             "backbone": str(cfg.backbone.name)}
     timings: dict[str, float] = {}
 
+    # Cheap checks first: a missing folder, an empty class or too few shots must not wait for the backbone.
+    t = time.perf_counter()
+    dataset = instantiate_node(cfg.dataset)
+    check_trainable(dataset)
+    timings["dataset"] = time.perf_counter() - t
+    fewshot = sample_fewshot(dataset, cfg.shots, cfg.seed, allow_fewer=cfg.fewshot.allow_fewer)
+    fewshot_path = persist_fewshot(fewshot, Path(cfg.cache_dir) / "fewshot" / dataset.name)
     t = time.perf_counter()
     backbone = instantiate_node(cfg.backbone)
     timings["backbone"] = time.perf_counter() - t
-    t = time.perf_counter()
-    dataset = instantiate_node(cfg.dataset)
-    timings["dataset"] = time.perf_counter() - t
-    if not dataset.splits["train"]:
-        raise DatasetError(f"dataset {dataset.name} is evaluation-only (no train split): fit on its parent and "
-                           f"pass targets=[{dataset.name}]")
-    fewshot = sample_fewshot(dataset, cfg.shots, cfg.seed, allow_fewer=cfg.fewshot.allow_fewer)
-    fewshot_path = persist_fewshot(fewshot, Path(cfg.cache_dir) / "fewshot" / dataset.name)
 
     builder = CacheBuilder(backbone, cfg.cache_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                            progress=cfg.progress)

@@ -84,7 +84,7 @@ def _backbone_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", default=None,
                    help="weights to load instead of the recorded ones (a file or tag); must be the fitted weights")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder forward")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (bars are shown on a terminal only)")
 
 
 def predict_main(argv: list[str]) -> int:
@@ -105,7 +105,7 @@ def predict_main(argv: list[str]) -> int:
         paths = collect_images(args.images)
         art = load_artifact(args.artifact, device=args.device, pretrained=args.pretrained)
         preds = art.predict_files(paths, batch_size=args.batch_size, num_workers=args.num_workers,
-                                  progress=not args.no_progress)
+                                  progress=False if args.no_progress else None)
     except Exception as e:
         return _fail("fewclip predict", e)
     if args.out == "-":
@@ -140,7 +140,8 @@ def add_class_main(argv: list[str]) -> int:
     try:
         paths = collect_images(args.images) if args.images else []
         art = load_artifact(args.artifact, device=args.device, pretrained=args.pretrained)
-        record = art.add_class(args.name, paths, batch_size=args.batch_size, progress=not args.no_progress)
+        record = art.add_class(args.name, paths, batch_size=args.batch_size,
+                               progress=False if args.no_progress else None)
     except Exception as e:
         return _fail("fewclip add-class", e)
     lines = [f"added class '{record['classname']}' to {args.artifact} ({len(art.classnames)} classes): "
