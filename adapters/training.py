@@ -100,6 +100,11 @@ def _lr_lambda(spec: TrainSpec, steps_per_epoch: int, base_lr: float | None = No
     return factor
 
 
+def epochs_for_shots(table: dict[int, int], shots: int) -> int:
+    """A method's epoch budget for ``shots`` from its table by shot count (the nearest listed count)."""
+    return table.get(shots) or table[min(table, key=lambda k: abs(k - shots))]
+
+
 def train(
     adapter: Adapter,
     batches: Batches,
@@ -225,8 +230,7 @@ class TrainsOnFeatures:
     def epochs_by_shots_budget(self, ctx: Any, table: dict[int, int]) -> None:
         """``epochs: 0`` in the YAML: take the method's budget for the number of shots (nearest listed count)."""
         if self.spec.epochs == 0:
-            shots = max(1, len(ctx.support) // max(1, ctx.n_classes))
-            self.spec.epochs = table.get(shots) or table[min(table, key=lambda k: abs(k - shots))]
+            self.spec.epochs = epochs_for_shots(table, max(1, len(ctx.support) // max(1, ctx.n_classes)))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``[B, C], [B] -> scalar``: cross-entropy unless a method adds terms."""

@@ -25,59 +25,17 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from fewclip import completion
-from fewclip.console import fmt_hparams, quiet_logging, user_error
+from fewclip.console import config_error, error_line, fmt_hparams, quiet_logging, user_error
 
 log = logging.getLogger("fewclip")
 
 USAGE = __doc__ or ""
-
-
-# Settings a user must give for some options: what the missing value error should say.
-MISSING_HINTS = {
-    "backbone.model": "backbone=open_clip needs backbone.model=ARCH (e.g. ViT-B-32; open_clip.list_models() lists "
-                      "them) and backbone.pretrained=TAG or a weights file, or "
-                      "backbone.model=local-dir:/path/to/folder",
-}
-
-
-def config_error(e: BaseException) -> str | None:
-    """One line for an error Hydra or OmegaConf raised while composing the config or naming the output folder
-    (a bad override, an unknown option, a value of the wrong type, a missing mandatory value); None for others."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not isinstance(e, (HydraException, OmegaConfBaseException)):
-        return None
-    missing = re.search(r"Missing mandatory value: ([\w.]+)", f"{e}\n{e.__cause__}")
-    if missing:
-        key = missing.group(1)
-        return f"{key} is not set: {MISSING_HINTS.get(key, f'pass {key}=VALUE')}"
-    text = str(e)
-    if e.__cause__ is not None and str(e.__cause__) not in text:
-        text += "\n" + str(e.__cause__)
-    # One line: Hydra's indented lists ("Available options in 'adapter':" then one option per line) are joined
-    # with commas, the other lines with semicolons.
-    out: list[str] = []
-    listing = False
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("object_type="):
-            continue
-        if line.startswith("Config search path"):  # where Hydra looked: not the user's concern
-            break
-        if listing and raw[:1] in ("\t", " "):
-            out[-1] += (" " if out[-1].endswith(":") else ", ") + line
-            continue
-        listing = line.endswith(":")
-        out.append(line)
-    return "; ".join(out)
 
 
 def _job_function(result_line: bool = True) -> Any:
@@ -152,7 +110,7 @@ def _run_hydra(overrides: list[str]) -> int:
     try:
         main_fn()
     except Exception as e:
-        msg = None if started and not isinstance(e, _composition_errors()) else config_error(e)
+        msg = None if started and not isinstance(e, _composition_errors()) else config_error(e, any_omegaconf=True)
         if msg is None:
             raise
         sys.stderr.write(f"fewclip run: {msg}\n")
@@ -189,8 +147,59 @@ def _demo_datasets(choice: str | None) -> list[str]:
     return names
 
 
+DEMO_BUDGET_S = 600.0
+"""A demo estimated to take longer than this runs its quick plan unless ``--full`` is given."""
+
+
+def demo_plan(datasets: list[str], adapters: list[str], overrides: list[str], full: bool, quick_ok: bool,
+              budget_s: float = DEMO_BUDGET_S) -> tuple[list[str], list[str], list[str]]:
+    """The datasets and adapters the demo will run, and the lines that say so.
+
+    The work is counted in encoder passes (stores per dataset; every epoch of a pixel-mode adapter) and timed with
+    the backbone's measured cost per image. Over ``budget_s``, and when ``quick_ok`` (the user named neither the
+    datasets nor the adapters) and not ``full``, the plan keeps the first dataset and the feature-mode adapters.
+    """
+    from hydra.utils import get_class, instantiate
+
+    from fewclip.config import check_settings, compose
+    from fewclip.estimate import fmt_duration, pixel_adapter_passes, seconds_per_image, store_passes
+    from fewclip.runner import instantiate_node
+
+    cfg = compose([f"dataset={datasets[0]}", *overrides])
+    check_settings(cfg)
+    backbone = instantiate_node(cfg.backbone)  # loaded once: the first job reuses it
+    per_image = seconds_per_image(backbone)
+    pixel = [a for a in adapters if getattr(get_class(compose([f"adapter={a}", *overrides]).adapter._target_),
+                                             "input_kind", "features") == "pixels"]
+    cost: dict[tuple[str, str | None], float] = {}
+    for name in datasets:
+        dcfg = compose([f"dataset={name}", *overrides])
+        ds = instantiate_node(dcfg.dataset)
+        cost[name, None] = store_passes(ds, int(dcfg.shots), int(dcfg.views)) * per_image
+        for a in pixel:
+            acfg = compose([f"dataset={name}", f"adapter={a}", *overrides])
+            cost[name, a] = pixel_adapter_passes(instantiate(acfg.adapter), ds, int(acfg.shots)) * per_image
+
+    def total(ds: list[str], ad: list[str]) -> float:
+        return sum(v for (d, a), v in cost.items() if d in ds and (a is None or a in ad))
+
+    full_s = total(datasets, adapters)
+    lines = [f"demo: backbone {cfg.backbone.name} on {backbone.device.type}, {per_image * 1000:.1f} ms per image; "
+             f"estimated encoder time {fmt_duration(full_s)} for {', '.join(datasets)} x {len(adapters)} adapters "
+             f"({len(pixel)} on pixels: {', '.join(pixel) or 'none'})"]
+    if full or full_s <= budget_s or not quick_ok:
+        return datasets, adapters, lines
+    quick_ds, quick_ad = datasets[:1], [a for a in adapters if a not in pixel]
+    lines.append(f"demo: running the quick plan ({quick_ds[0]}, the {len(quick_ad)} feature-mode adapters: "
+                 f"about {fmt_duration(total(quick_ds, quick_ad))}); --full runs everything (about "
+                 f"{fmt_duration(full_s)})")
+    return quick_ds, quick_ad, lines
+
+
 def demo(argv: list[str]) -> int:
-    """Every adapter on digits (and Fashion-MNIST when installed) with the tiny backbone, then tables."""
+    """Every adapter on digits (and Fashion-MNIST when installed), then tables. The work is estimated first; a run
+    estimated beyond ten minutes (a real backbone on a CPU) keeps to digits and the feature-mode adapters unless
+    --full is given."""
     import pandas as pd
 
     from fewclip.config import compose, group_options
@@ -201,20 +210,33 @@ def demo(argv: list[str]) -> int:
     p.add_argument("--adapters", default=None, help="comma-separated subset (default: every adapter)")
     p.add_argument("--datasets", default=None,
                    help="comma-separated datasets (default: digits, plus fashion_mnist when installed)")
+    p.add_argument("--full", action="store_true",
+                   help="every dataset and adapter even when the estimate is long (pixel-mode adapters with a real "
+                        "backbone on a CPU take hours)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. shots=4 backbone=rn50")
     args = p.parse_args(argv)
     quiet_logging()
     adapters = args.adapters.split(",") if args.adapters else group_options("adapter")
+    try:
+        datasets, adapters, plan = demo_plan(_demo_datasets(args.datasets), adapters, args.overrides, args.full,
+                                             quick_ok=args.datasets is None and args.adapters is None)
+    except Exception as e:
+        if (err := error_line(e)) is None:
+            raise
+        log.error("%s", err)
+        return 2
+    sys.stdout.write("\n".join(plan) + "\n")
+    sys.stdout.flush()
     lines: list[str] = []
     weights = ""
-    for dataset in _demo_datasets(args.datasets):
+    for dataset in datasets:
         rows = []
         for name in adapters:
             cfg = compose([f"dataset={dataset}", f"adapter={name}", *args.overrides])
             try:
                 res = run(cfg, out_dir=Path(args.out) / dataset / name)
             except Exception as e:
-                if (err := user_error(e)) is None:
+                if (err := error_line(e)) is None:
                     raise
                 log.error("%s", err)
                 return 2
@@ -257,13 +279,20 @@ def data_check(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="dataset=NAME and other overrides (dataset.root=...)")
     args = p.parse_args(argv)
     quiet_logging()
-    cfg = compose(args.overrides)
+    try:
+        cfg = compose(args.overrides)
+        name = str(cfg.dataset.name)
+    except Exception as e:
+        if (err := error_line(e)) is None:
+            raise
+        sys.stderr.write(f"fewclip data check: {err}\n")
+        return 2
     try:
         dataset = instantiate(cfg.dataset)
     except Exception as e:
         if (err := user_error(e)) is None:
             raise
-        sys.stdout.write(f"dataset {cfg.dataset.name}: cannot be read\n{err}\n")
+        sys.stdout.write(f"dataset {name}: cannot be read\n{err}\n")
         return 1
     report = check_dataset(dataset, open_images=not args.no_open, progress=cfg.progress)
     sys.stdout.write(format_report(report) + "\n")

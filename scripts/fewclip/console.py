@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 
@@ -37,6 +38,60 @@ class QuietRoot(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.name != "root" or record.levelno >= logging.WARNING
+
+
+# Settings a user must give for some options: what the missing value error should say.
+MISSING_HINTS = {
+    "backbone.model": "backbone=open_clip needs backbone.model=ARCH (e.g. ViT-B-32; open_clip.list_models() lists "
+                      "them) and backbone.pretrained=TAG or a weights file, or "
+                      "backbone.model=local-dir:/path/to/folder",
+}
+
+
+def config_error(e: BaseException, any_omegaconf: bool = False) -> str | None:
+    """One line for a config error: Hydra's composition errors (a bad override, an unknown option, a value of the
+    wrong type) and a missing mandatory value; with ``any_omegaconf`` (errors raised before a job started, while
+    Hydra resolves the output folder) every OmegaConf error. None for anything else, including errors raised
+    inside a ``_target_`` (``InstantiationException``: see ``user_error``)."""
+    from hydra.errors import HydraException, InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(e, (HydraException, OmegaConfBaseException)) or isinstance(e, InstantiationException):
+        return None
+    missing = re.search(r"Missing mandatory value: ([\w.]+)", f"{e}\n{e.__cause__}")
+    if missing:
+        key = missing.group(1)
+        return f"{key} is not set: {MISSING_HINTS.get(key, f'pass {key}=VALUE')}"
+    if isinstance(e, OmegaConfBaseException) and not any_omegaconf:
+        return None
+    text = str(e)
+    if e.__cause__ is not None and str(e.__cause__) not in text:
+        text += "\n" + str(e.__cause__)
+    # One line: Hydra's indented lists ("Available options in 'adapter':" then one option per line) are joined
+    # with commas, the other lines with semicolons.
+    out: list[str] = []
+    listing = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("object_type="):
+            continue
+        if line.startswith("Config search path"):  # where Hydra looked: not the user's concern
+            break
+        if listing and raw[:1] in ("\t", " "):
+            out[-1] += (" " if out[-1].endswith(":") else ", ") + line
+            continue
+        listing = line.endswith(":")
+        out.append(line)
+    return "; ".join(out)
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one line a command prints for bad input behind ``e`` (a config error, a missing dataset or weights
+    file, a damaged store), or None when ``e`` is a bug (which keeps its traceback)."""
+    if (msg := config_error(e)) is not None:
+        return msg
+    err = user_error(e)
+    return None if err is None else str(err).strip()
 
 
 def quiet_logging() -> None:

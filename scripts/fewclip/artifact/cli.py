@@ -14,7 +14,7 @@ from fewclip.artifact.fitting import fit_run
 from fewclip.artifact.format import ArtifactError
 from fewclip.artifact.images import collect_images
 from fewclip.artifact.predict import FilePredictions, load_artifact
-from fewclip.console import fmt_hparams, quiet_logging, user_error
+from fewclip.console import error_line, fmt_hparams, quiet_logging
 
 
 def write_predictions(preds: FilePredictions, classnames: Sequence[str], out: Any, topk: int = 5) -> None:
@@ -35,20 +35,12 @@ def write_predictions(preds: FilePredictions, classnames: Sequence[str], out: An
         w.writerow([item, "ok", top[0][0], top[0][1], *[x for pair in top for x in pair]])
 
 
-def _bad_input(e: BaseException) -> BaseException | None:
-    from hydra.errors import ConfigCompositionException, OverrideParseException
-
-    # Config errors (unknown option, bad override) are the user's; an error inside instantiation is not.
-    if isinstance(e, (ArtifactError, ConfigCompositionException, OverrideParseException)):
-        return e
-    return user_error(e)
-
-
 def _fail(prog: str, e: BaseException) -> int:
-    err = _bad_input(e)
+    # Config errors (unknown option, bad override) and bad input are the user's; anything else is a bug.
+    err = str(e).strip() if isinstance(e, ArtifactError) else error_line(e)
     if err is None:
         raise e
-    sys.stderr.write(f"{prog}: {str(err).strip()}\n")
+    sys.stderr.write(f"{prog}: {err}\n")
     return 2
 
 
