@@ -38,9 +38,10 @@ log = logging.getLogger("fewclip")
 USAGE = __doc__ or ""
 
 
-def _job_function(result_line: bool = True) -> Any:
+def _job_function(reported: list[BaseException]) -> Any:
     """The Hydra task function of ``fewclip run``: one job; returns its val accuracy (never test), the value
-    Hydra's sweepers (Optuna) optimise, or None when the job failed."""
+    Hydra's sweepers (Optuna) optimise, or None when the job failed. A single run's bad input is logged in one line
+    and appended to ``reported`` (the command then exits 2)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import DictConfig
@@ -66,8 +67,10 @@ def _job_function(result_line: bool = True) -> Any:
             if not multirun:
                 if err is None:
                     raise
+                # Reported here in one line; raising would make Hydra add its own "Error executing job" line.
                 log.error("%s", err)
-                raise SystemExit(2) from None
+                reported.append(err)
+                return None
             log.error("%s failed: %s (%s)", label, err or f"{type(e).__name__}: {e}", out / sweep.ERROR_FILE)
             sweep.job_progress(hc.job.num, f"{label}: FAILED after {time.perf_counter() - t:.1f} s")
             return None
@@ -77,7 +80,7 @@ def _job_function(result_line: bool = True) -> Any:
         if multirun:
             status = "already done, skipped" if res.get("resumed") else f"{time.perf_counter() - t:.1f} s"
             sweep.job_progress(hc.job.num, f"{line}  ({status})")
-        elif result_line:
+        else:
             sys.stdout.write(f"{line}\nresult: {out / RESULT_FILE}\n")
         return float(res["val_acc"])
 
@@ -94,7 +97,8 @@ def _run_hydra(overrides: list[str]) -> int:
         return done
     register_schema()
     sweep.last_summary = None
-    task = _job_function()
+    reported: list[BaseException] = []
+    task = _job_function(reported)
     started = []
 
     def job(cfg: Any) -> float | None:
@@ -120,6 +124,8 @@ def _run_hydra(overrides: list[str]) -> int:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+    if reported:
+        return 2
     if sweep.last_summary is not None and sweep.last_summary["failed"]:
         return 1
     return 0

@@ -129,7 +129,7 @@ def override_dir(overrides: Any, exclude: Any) -> str:
             plain = re.sub(r"\\(\s)", r"\1", value)  # Hydra keeps a quoted space as "\ "
             tail = re.split(rf"[/{re.escape(os.sep)}]", plain.rstrip("/" + os.sep))[-1]
             tail = re.sub(r"[^\w.-]+", "-", tail).strip("-")
-            value = f"{tail[:40]}-{hashlib.sha256(value.encode()).hexdigest()[:6]}"
+            value = f"{tail[:40]}-{hashlib.sha256(plain.encode()).hexdigest()[:6]}"
         items.append(f"{key}={value}")
     return ",".join(sorted(items))
 
