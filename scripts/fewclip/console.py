@@ -18,9 +18,10 @@ def user_error(e: BaseException) -> BaseException | None:
     from caches.data.records import DatasetError
     from caches.store import StoreError
     from fewclip.config import SettingsError
+    from fewclip.recipes import RecipeError
 
     kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, BackboneConfigError, StoreError,
-             SettingsError, FileNotFoundError)
+             SettingsError, FileNotFoundError, RecipeError)
     while e is not None:
         if isinstance(e, kinds):
             return e
