@@ -229,7 +229,7 @@ def demo(argv: list[str]) -> int:
     except Exception as e:
         if (err := error_line(e)) is None:
             raise
-        log.error("%s", err)
+        sys.stderr.write(f"fewclip demo: {err}\n")
         return 2
     sys.stdout.write("\n".join(plan) + "\n")
     sys.stdout.flush()
@@ -244,7 +244,7 @@ def demo(argv: list[str]) -> int:
             except Exception as e:
                 if (err := error_line(e)) is None:
                     raise
-                log.error("%s", err)
+                sys.stderr.write(f"fewclip demo: {err}\n")
                 return 2
             rows.append({"adapter": name, "val acc": res["val_acc"], "test acc": res["test_acc"],
                          "hparams": fmt_hparams(res["hparams"]),

@@ -97,8 +97,7 @@ def error_line(e: BaseException) -> str | None:
 
 def quiet_logging() -> None:
     """fewclip's own INFO lines; third-party libraries (open_clip logs to the root logger) at WARNING."""
-    # force: a command replaces whatever handlers an earlier command (or Hydra) left on the root logger.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("fewclip", "adapters", "caches"):
         logging.getLogger(name).setLevel(logging.INFO)
     for name in QUIET_LOGGERS:
