@@ -114,7 +114,9 @@ def _run_hydra(overrides: list[str]) -> int:
     try:
         main_fn()
     except Exception as e:
-        msg = None if started and not isinstance(e, _composition_errors()) else config_error(e, any_omegaconf=True)
+        # Before a job started every Hydra/OmegaConf error is the config's; after, only composition errors and
+        # missing values (a sweep composes each job), not a bug inside the job.
+        msg = config_error(e, any_omegaconf=not started)
         if msg is None:
             raise
         sys.stderr.write(f"fewclip run: {msg}\n")
@@ -129,13 +131,6 @@ def _run_hydra(overrides: list[str]) -> int:
     if sweep.last_summary is not None and sweep.last_summary["failed"]:
         return 1
     return 0
-
-
-def _composition_errors() -> tuple[type, ...]:
-    """Errors that are the user's config even when raised after a job started (a sweep composes each job)."""
-    from hydra.errors import ConfigCompositionException, OverrideParseException
-
-    return (ConfigCompositionException, OverrideParseException)
 
 
 def _demo_datasets(choice: str | None) -> list[str]:
