@@ -10,16 +10,21 @@ views), append-only directories of chunk stores keyed by image id, and the per-r
 them. The views of an image depend on (image, view index, augmentation), not on the run seed, so a support image
 drawn by two seeds is encoded once. Concurrent jobs serialise on file locks (``caches.locks``): a job waits for
 a store or bank chunk that another job is building instead of building it again.
+
+Encoding writes a bank chunk every ``chunk_images`` encoded images, so a killed build resumes from its finished
+chunks. Support stores reference their views' rows in the views bank instead of copying them (each view is
+written once); a build reads only the chunks holding rows it takes (``caches/FORMAT.md``).
 """
 
 from __future__ import annotations
 
-import hashlib
+import csv
+import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,22 @@ from caches.data.pixels import PixelSplit
 from caches.data.records import ImageDataset, Sample, sample_stamp
 from caches.locks import file_lock
 from caches.progress import Progress
-from caches.store import KVStore, StoreError, fingerprint
+from caches.store import (
+    FORMAT_VERSION,
+    MANIFEST,
+    META,
+    BankRows,
+    ChunkRef,
+    KVStore,
+    StoreError,
+    cache_writes,
+    check_file,
+    fingerprint,
+    gather_rows,
+    ids_digest,
+    read_manifest,
+)
+from caches.workers import loader_options
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +63,35 @@ log = logging.getLogger(__name__)
 VIEW_SEED = 0
 
 
-def ids_digest(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+def remove_leftovers(directory: Path, pattern: str) -> None:
+    """Delete the temporary directories of killed writes (the caller holds the lock of everything that writes
+    them, so none is in progress)."""
+    for tmp in directory.glob(pattern) if directory.is_dir() else []:
+        log.info("removing %s, left by an interrupted build", tmp)
+        with cache_writes(directory):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_noted_old: set[Path] = set()
+
+
+def note_old_format(path: Path) -> None:
+    """Say so when a store or bank of an earlier format sits where ``path`` (not built yet) will go: its
+    settings are the same, but this fewclip does not use it, so its images are encoded again."""
+    stem = path.name.rsplit("-", 1)[0]
+    for old in path.parent.glob(f"{stem}-*") if path.parent.is_dir() else []:
+        probe = old / MANIFEST if (old / MANIFEST).is_file() else next(old.glob(f"chunk-*/{MANIFEST}"), None)
+        if old == path or probe is None or old in _noted_old:
+            continue
+        try:
+            version = json.loads(probe.read_text()).get("format_version")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if version != FORMAT_VERSION:
+            _noted_old.add(old)
+            log.warning("%s was written by an older fewclip (store format %s, this one writes %s) and is not "
+                        "used: building %s instead. Old stores can be deleted (fewclip cache verify lists them)",
+                        old, version, FORMAT_VERSION, path.name)
 
 
 class _Pixels(Dataset):
@@ -78,15 +125,20 @@ class CacheBuilder:
         batch_size: images per encoder forward (views count as images).
         num_workers: DataLoader workers; ``None`` picks 0 for in-memory datasets and up to 4 otherwise.
         progress: progress bars (None: on a terminal only; otherwise a log line per stage).
+        chunk_images: encoded images (views count) per bank chunk. A build writes a chunk each time this many
+            are done, so a killed build resumes from its completed chunks.
     """
 
     def __init__(self, backbone: FrozenClip, cache_dir: str | os.PathLike, batch_size: int = 64,
-                 num_workers: int | None = None, progress: bool | None = None) -> None:
+                 num_workers: int | None = None, progress: bool | None = None, chunk_images: int = 8192) -> None:
+        if chunk_images < 1:
+            raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
         self.backbone = backbone
         self.cache_dir = Path(cache_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
+        self.chunk_images = chunk_images
         self.encoded_images = 0  # images run through the image encoder by this builder (views count)
         self.encode_seconds = 0.0
         self.built: list[str] = []
@@ -104,8 +156,8 @@ class CacheBuilder:
     def _get_or_build(self, path: Path, spec: dict[str, Any],
                       build: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> KVStore:
         fp = fingerprint(spec)
-        if path.exists():  # the common, warm case needs no lock: stores are complete once they exist
-            try:
+        if path.exists():  # the common, warm case needs no lock (nor a writable cache): stores are complete once
+            try:           # they exist
                 return self._loaded(KVStore.load(path, fp))
             except StoreError:
                 pass
@@ -116,7 +168,11 @@ class CacheBuilder:
                 except StoreError as e:
                     # Never reuse a store that fails verification: rebuild it from scratch.
                     log.warning("discarding invalid store (%s); rebuilding", e)
-                    shutil.rmtree(path)
+                    with cache_writes(path.parent):
+                        shutil.rmtree(path)
+            else:
+                note_old_format(path)
+            remove_leftovers(path.parent, f".{path.name}.tmp-*")
             log.info("building %s", path)
             arrays, extra = build()
             store = KVStore.write(path, spec, extra=extra, **arrays)
@@ -128,53 +184,120 @@ class CacheBuilder:
         log.info("cache hit %s", store.path)
         return store
 
-    def banked(self, dataset: ImageDataset, samples: Sequence[Sample], bank: str, bank_spec: dict[str, Any],
-               to_views: Callable[[Any, Sample], torch.Tensor], n_views: int,
-               desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of ``samples`` from the feature bank ``bank``, encoding only the images it lacks.
+    def _bank_index(self, bank_dir: Path, bank_spec: dict[str, Any], wanted: set[str]
+                    ) -> tuple[list[KVStore], dict[str, tuple[int, int, bool]]]:
+        """The bank chunks holding any of the ``wanted`` keys, and where each key is: (chunk, row, readable).
 
-        Returns:
-            ``[V, N, D]`` float32 normalised features and ``[N]`` bool readable flags, in sample order.
+        Only each chunk's manifest and ``meta.csv`` are read to find out; the chunks that hold wanted rows are
+        then opened (and verified); the others are not read further. A damaged chunk is removed (the caller
+        holds the bank's lock) and its images are encoded again.
         """
-        bank_dir = self.store_path(dataset, f"bank-{bank}", bank_spec)
-        with file_lock(bank_dir.parent / f".{bank_dir.name}.lock", what=bank_dir.name):
-            rows: dict[str, tuple[torch.Tensor, bool]] = {}
-            # Keyed by id, size and mtime: an image changed on disk is encoded again, never served stale.
-            keys = {s.id: sample_stamp(s) for s in samples}
-            wanted = set(keys.values())
-            for chunk in sorted(bank_dir.glob("chunk-*")) if bank_dir.is_dir() else []:
-                try:
-                    store = KVStore.load(chunk)
-                except StoreError as e:  # a damaged chunk: removed (under the lock), its images encoded again
-                    log.warning("removing damaged bank chunk (%s)", e)
-                    shutil.rmtree(chunk, ignore_errors=True)
-                    continue
-                # Copy only the rows this store needs: a views bank can grow to gigabytes (views.npy is mmapped).
-                take = [i for i, r in enumerate(store.meta) if r["key"] in wanted]
+        chunks: list[KVStore] = []
+        where: dict[str, tuple[int, int, bool]] = {}
+        for chunk in sorted(bank_dir.glob("chunk-*")) if bank_dir.is_dir() else []:
+            try:
+                manifest = read_manifest(chunk)
+                if {k: v for k, v in manifest["spec"].items() if k != "chunk"} != bank_spec:
+                    raise StoreError(f"{chunk}: written for another bank")
+                check_file(chunk, META, manifest["files"][META])
+                with open(chunk / META, newline="") as f:
+                    meta = list(csv.DictReader(f))
+                take = [(i, r) for i, r in enumerate(meta) if r["key"] in wanted and r["key"] not in where]
                 if not take:
                     continue
-                feats = torch.from_numpy(np.ascontiguousarray(store.views[:, take])) if n_views > 1 \
-                    else store.keys()[take][None]
-                for j, i in enumerate(take):
-                    r = store.meta[i]
-                    rows[r["key"]] = (feats[:, j], r["readable"] == "1")
-            missing = list({s.id: s for s in samples if keys[s.id] not in rows}.values())
-            if missing:
-                feats, ok = self.encode(dataset, missing, to_views, n_views, desc)
-                ids = [s.id for s in missing]
-                store = KVStore.write(
+                store = KVStore.load(chunk, manifest["fingerprint"])
+            except (StoreError, KeyError, csv.Error, OSError) as e:
+                log.warning("removing damaged bank chunk (%s)", e)
+                with cache_writes(chunk.parent):
+                    shutil.rmtree(chunk, ignore_errors=True)
+                continue
+            for i, r in take:
+                where[r["key"]] = (len(chunks), i, r["readable"] == "1")
+            chunks.append(store)
+        return chunks, where
+
+    def banked(self, dataset: ImageDataset, samples: Sequence[Sample], bank: str, bank_spec: dict[str, Any],
+               to_views: Callable[[Any, Sample], torch.Tensor], n_views: int,
+               desc: str) -> tuple[torch.Tensor, torch.Tensor, BankRows]:
+        """Features of ``samples`` from the feature bank ``bank``, encoding only the images it lacks.
+
+        Views banks (``bank_spec["kind"] == "views"``) keep ``views.npy`` in every chunk, so a support store can
+        point at their rows instead of copying them; eval banks keep the features as the chunks' keys.
+        Returns:
+            ``[V, N, D]`` float32 normalised features, ``[N]`` bool readable flags (sample order), and where the
+            rows are in the bank.
+        """
+        bank_dir = self.store_path(dataset, f"bank-{bank}", bank_spec)
+        keep_views = bank_spec.get("kind") == "views"
+        # Keyed by id, size and mtime: an image changed on disk is encoded again, never served stale.
+        keys = [sample_stamp(s) for s in samples]
+        with file_lock(bank_dir.parent / f".{bank_dir.name}.lock", what=bank_dir.name):
+            if not bank_dir.exists():
+                note_old_format(bank_dir)
+            remove_leftovers(bank_dir, ".chunk-*.tmp-*")
+            chunks, where = self._bank_index(bank_dir, bank_spec, set(keys))
+            # Chunk features as arrays [V, n, D]: memory-mapped views (read only where rows are taken), or keys.
+            arrays: list[np.ndarray] = [
+                c.views if keep_views else c.keys().numpy()[None] for c in chunks]
+            missing = list({s.id: s for s, k in zip(samples, keys) if k not in where}.values())
+            for feats, ok, part in self.encode_chunks(dataset, missing, to_views, n_views, desc):
+                ids = [s.id for s in part]
+                chunk = KVStore.write(
                     bank_dir / f"chunk-{time.strftime('%Y%m%dT%H%M%S')}-{ids_digest(ids)}",
                     {**bank_spec, "chunk": ids_digest(ids)},
                     keys=(feats[0] if n_views == 1 else F.normalize(feats.mean(dim=0), dim=-1)) * ok[:, None],
-                    values=torch.tensor([s.label for s in missing], dtype=torch.int64),
-                    views=feats if n_views > 1 else None,
-                    meta=[{"key": keys[s.id], "readable": int(o)} for s, o in zip(missing, ok.tolist())])
-                for i, s in enumerate(missing):
-                    rows[keys[s.id]] = (feats[:, i], bool(ok[i]))
+                    values=torch.tensor([s.label for s in part], dtype=torch.int64),
+                    views=feats if keep_views else None,
+                    meta=[{"key": sample_stamp(s), "readable": int(o)} for s, o in zip(part, ok.tolist())])
+                for i, (s, o) in enumerate(zip(part, ok.tolist())):
+                    where[sample_stamp(s)] = (len(chunks), i, bool(o))
+                chunks.append(chunk)
+                arrays.append(feats.numpy())
+        rows = np.array([where[k][:2] for k in keys], dtype=np.int64).reshape(len(keys), 2)
+        feats = gather_rows(arrays, rows, n_views, self.backbone.dim)
+        ok = torch.tensor([where[k][2] for k in keys], dtype=torch.bool)
+        # Every chunk listed holds at least one of these rows (_bank_index skips the others).
+        refs = tuple(ChunkRef.of(c) for c in chunks) if keep_views else ()
+        return torch.from_numpy(feats), ok, BankRows(bank_dir, refs, rows)
+
+    def encode_chunks(self, dataset: ImageDataset, samples: Sequence[Sample],
+                      to_views: Callable[[Any, Sample], torch.Tensor], n_views: int,
+                      desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[Sample]]]:
+        """Encode every sample's views, yielding about ``chunk_images`` encoded images at a time.
+
+        Yields:
+            ``[V, n, D]`` float32 normalised features (CPU), ``[n]`` bool readable flags, and the n samples.
+        """
         if not samples:
-            return torch.empty(n_views, 0, self.backbone.dim), torch.empty(0, dtype=torch.bool)
-        return (torch.stack([rows[keys[s.id]][0] for s in samples], dim=1).float(),
-                torch.tensor([rows[keys[s.id]][1] for s in samples], dtype=torch.bool))
+            return
+        spec = self.backbone.image_spec
+        ds = _Pixels(dataset, samples, to_views, n_views, spec.size)
+        per_batch = max(1, self.batch_size // n_views)
+        workers = self._workers(dataset)
+        loader = DataLoader(ds, batch_size=per_batch, shuffle=False, num_workers=workers,
+                            pin_memory=self.backbone.device.type == "cuda", **loader_options(workers))
+        feats: list[torch.Tensor] = []
+        oks: list[torch.Tensor] = []
+        done = 0
+        t0 = time.perf_counter()
+        with Progress(total=len(ds) * n_views, desc=desc, unit="img", enabled=self.progress, leave=False) as bar:
+            for pixels, ok in loader:
+                b = pixels.shape[0]
+                f = self.encode_pixels(pixels.flatten(0, 1))
+                feats.append(f.view(b, n_views, -1).transpose(0, 1).cpu())
+                oks.append(ok)
+                bar.update(b * n_views)
+                self.encoded_images += b * n_views
+                if sum(o.shape[0] for o in oks) * n_views >= self.chunk_images:
+                    n = sum(o.shape[0] for o in oks)
+                    self.encode_seconds += time.perf_counter() - t0
+                    yield torch.cat(feats, dim=1), torch.cat(oks), list(samples[done:done + n])
+                    t0 = time.perf_counter()
+                    done += n
+                    feats, oks = [], []
+        self.encode_seconds += time.perf_counter() - t0
+        if feats:
+            yield torch.cat(feats, dim=1), torch.cat(oks), list(samples[done:])
 
     def encode(self, dataset: ImageDataset, samples: Sequence[Sample],
                to_views: Callable[[Any, Sample], torch.Tensor], n_views: int,
@@ -184,25 +307,10 @@ class CacheBuilder:
         Returns:
             ``[V, N, D]`` float32 normalised features (CPU) and ``[N]`` bool readable flags.
         """
-        spec = self.backbone.image_spec
-        ds = _Pixels(dataset, samples, to_views, n_views, spec.size)
-        per_batch = max(1, self.batch_size // n_views)
-        loader = DataLoader(ds, batch_size=per_batch, shuffle=False, num_workers=self._workers(dataset),
-                            pin_memory=self.backbone.device.type == "cuda")
-        feats, oks = [], []
-        t0 = time.perf_counter()
-        with Progress(total=len(ds) * n_views, desc=desc, unit="img", enabled=self.progress, leave=False) as bar:
-            for pixels, ok in loader:
-                b = pixels.shape[0]
-                f = self.encode_pixels(pixels.flatten(0, 1))
-                feats.append(f.view(b, n_views, -1).transpose(0, 1).cpu())
-                oks.append(ok)
-                bar.update(b * n_views)
-        self.encode_seconds += time.perf_counter() - t0
-        self.encoded_images += len(ds) * n_views
-        if not feats:
+        parts = list(self.encode_chunks(dataset, samples, to_views, n_views, desc))
+        if not parts:
             return torch.empty(n_views, 0, self.backbone.dim), torch.empty(0, dtype=torch.bool)
-        return torch.cat(feats, dim=1), torch.cat(oks)
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts])
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S] -> [B, D]`` float32 normalised: the encoder call every build goes through."""
@@ -241,8 +349,8 @@ class CacheBuilder:
                      "views": views, "view_seed": VIEW_SEED, "augmentation": aug.as_dict()}
 
         def build() -> tuple[dict[str, Any], dict[str, Any]]:
-            feats, ok = self.banked(dataset, samples, f"views-v{views}", bank_spec, to_views, views,
-                                    f"support {dataset.name} k={shots}")
+            feats, ok, rows = self.banked(dataset, samples, f"views-v{views}", bank_spec, to_views, views,
+                                          f"support {dataset.name} k={shots}")
             if not bool(ok.all()):
                 bad = [s.id for s, o in zip(samples, ok.tolist()) if not o]
                 raise StoreError(f"support images became unreadable while encoding: {bad[:5]}")
@@ -250,7 +358,8 @@ class CacheBuilder:
             keys = F.normalize(feats.mean(dim=0), dim=-1)
             labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
             meta = [{"id": s.id, "label": s.label, "classname": dataset.classnames[s.label]} for s in samples]
-            return {"keys": keys, "values": labels, "views": feats, "meta": meta}, {}
+            # The views stay in the bank (written once); the store records where they are.
+            return {"keys": keys, "values": labels, "views": feats, "meta": meta, "bank_rows": rows}, {}
 
         return self._get_or_build(path, spec, build)
 
@@ -270,15 +379,19 @@ class CacheBuilder:
                      "transform": "resize+center_crop"}
 
         def build() -> tuple[dict[str, Any], dict[str, Any]]:
-            feats, ok = self.banked(dataset, samples, "eval", bank_spec, lambda img, s: tf(img)[None], 1,
-                                    f"{split} {dataset.name}")
+            feats, ok, _ = self.banked(dataset, samples, "eval", bank_spec, lambda img, s: tf(img)[None], 1,
+                                       f"{split} {dataset.name}")
             skipped = [s.id for s, o in zip(samples, ok.tolist()) if not o]
             if skipped:
                 log.warning("%s/%s: %d unreadable images skipped", dataset.name, split, len(skipped))
             kept = [s for s, o in zip(samples, ok.tolist()) if o]
             labels = torch.tensor([s.label for s in kept], dtype=torch.int64)
             meta = [{"id": s.id, "label": s.label, "classname": dataset.classnames[s.label]} for s in kept]
-            return {"keys": feats[0][ok], "values": labels, "meta": meta}, {"skipped": skipped}
+            # Where the skipped ids sat among the requested ones: load() checks that they and the stored rows
+            # make up exactly the ids of the spec.
+            skipped_at = [i for i, o in enumerate(ok.tolist()) if not o]
+            return ({"keys": feats[0][ok], "values": labels, "meta": meta},
+                    {"skipped": skipped, "skipped_at": skipped_at})
 
         return self._get_or_build(path, spec, build)
 

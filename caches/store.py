@@ -1,55 +1,110 @@
 """On-disk key-value stores of CLIP features (the format is described in ``caches/FORMAT.md``).
 
 A store is a directory: ``manifest.json`` + ``keys.faiss`` (inner-product index over float32 L2-normalised
-keys) + ``values.npy`` (int64 labels) + optional ``views.npy`` (per-view features) + ``meta.csv``.
-Its name ends in the fingerprint of everything that produced it; ``load`` checks that fingerprint and the
-checksum of every file, and ``write`` builds in a temporary directory renamed into place, so an
-interrupted build never looks like a valid store.
+keys) + ``values.npy`` (int64 labels) + ``meta.csv`` + either ``views.npy`` (per-view features) or
+``view_rows.npy`` (where in the feature bank its per-view features are: support stores do not copy them).
+Its name ends in the fingerprint of everything that produced it.
+
+Verification has two levels:
+
+* **stat** (every load): the manifest is intact (its own digest), its fingerprint matches its spec and the
+  caller's, every file has the recorded size and modification time, and the row counts, dimension, view count
+  and index type recorded in the manifest agree with the files. A file whose size agrees but whose mtime does
+  not (copied without preserving times, touched) is hashed in full; it is accepted when its sha256 matches.
+* **full** (when a file is written, ``verify_tree`` / ``fewclip cache verify``, and on an mtime mismatch):
+  the sha256 of every byte.
+
+``write`` builds in a temporary directory renamed into place, hashing the bytes as they are written (no second
+pass), so an interrupted build never looks like a valid store.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from caches.backbone import sha256_file
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_VERSIONS = (1,)  # still readable (full sha256 on every load), never written: e.g. stores inside artifacts
 MANIFEST = "manifest.json"
 KEYS = "keys.faiss"
 VALUES = "values.npy"
 VIEWS = "views.npy"
+VIEW_ROWS = "view_rows.npy"
 META = "meta.csv"
+INDEX_TYPE = "IndexFlatIP"
+DIGEST_FIELD = "manifest_sha256"
+# Manifest fields every store has; anything else (e.g. ``skipped``) came in through ``write(extra=...)``.
+BASE_FIELDS = ("format_version", "fingerprint", "spec", "n", "dim", "views", "index", "files", "versions",
+               "created_at", "bank_views", DIGEST_FIELD)
+
+# errno values meaning "this directory cannot be written": reported as one line, never a traceback.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+
+_BLOCK = 1 << 24  # bytes hashed / written per call
 
 
 class StoreError(RuntimeError):
     """A store is missing, incomplete, corrupt or was produced by different settings."""
 
 
-def fingerprint(spec: dict[str, Any]) -> str:
+class CacheWriteError(StoreError):
+    """The cache directory cannot be written: disk full, read-only file system, or no permission."""
+
+
+def write_error(e: OSError, where: str | os.PathLike) -> CacheWriteError:
+    """One line saying what could not be written, why, and what to do."""
+    reason = os.strerror(e.errno) if e.errno else str(e)
+    name = errno.errorcode.get(e.errno or 0, "?")
+    hint = ("free some space or set cache_dir= to another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "set cache_dir= to a writable directory (a read-only cache works when every store the run "
+                 "needs is already built)")
+    return CacheWriteError(f"cannot write the feature cache at {where}: {reason} ({name}); {hint}")
+
+
+@contextmanager
+def cache_writes(where: str | os.PathLike) -> Iterator[None]:
+    """Turn 'disk full / read-only / permission denied' while writing under ``where`` into ``CacheWriteError``."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            raise write_error(e, where) from e
+        raise
+
+
+def fingerprint(spec: dict[str, Any], version: int = FORMAT_VERSION) -> str:
     """Short content address of a store: sha256 of the canonical JSON of its spec."""
-    blob = json.dumps({"format_version": FORMAT_VERSION, **spec}, sort_keys=True, separators=(",", ":"))
+    blob = json.dumps({"format_version": version, **spec}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+def ids_digest(ids: Sequence[str]) -> str:
+    """Short sha256 of an ordered list of sample ids (store specs name their rows by it)."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _canonical_digest(obj: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def faiss_has_gpu() -> bool:
@@ -64,6 +119,244 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "faiss": getattr(faiss, "__version__", "?"), "numpy": np.__version__}
 
 
+# ---------------------------------------------------------------------------------------------- writing files
+def _write_blocks(path: Path, chunks: Iterator[memoryview | bytes]) -> dict[str, Any]:
+    """Write ``chunks`` to ``path``, hashing the same bytes on the way (one pass); fsync before returning.
+
+    Returns the file's manifest record: ``sha256``, ``size``, ``mtime_ns``.
+    """
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "wb") as f:
+        for block in chunks:
+            h.update(block)
+            f.write(block)
+            size += len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    st = os.stat(path)
+    if st.st_size != size:
+        raise OSError(errno.EIO, f"short write: {st.st_size} of {size} bytes", str(path))
+    return {"sha256": h.hexdigest(), "size": size, "mtime_ns": st.st_mtime_ns}
+
+
+def _npy_blocks(arr: np.ndarray) -> Iterator[memoryview | bytes]:
+    """The ``.npy`` encoding of a C-contiguous numeric array: header, then the raw bytes without copying."""
+    if arr.dtype.hasobject:
+        raise ValueError("object arrays are never written (no pickles)")
+    arr = np.ascontiguousarray(arr)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    yield header.getvalue()
+    flat = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+    for start in range(0, len(flat), _BLOCK):
+        yield flat[start:start + _BLOCK]
+
+
+def _csv_text(rows: Sequence[dict[str, Any]]) -> tuple[str, list[dict[str, str]]]:
+    """``meta.csv`` text and the rows as ``csv.DictReader`` would read them back (strings)."""
+    out = io.StringIO(newline="")
+    fields = ["row", *([k for k in rows[0] if k != "row"] if rows else [])]
+    w = csv.DictWriter(out, fieldnames=fields, lineterminator="\r\n")
+    w.writeheader()
+    read_back: list[dict[str, str]] = []
+    for i, r in enumerate(rows):
+        row = {"row": i, **{k: v for k, v in r.items() if k != "row"}}
+        w.writerow(row)
+        read_back.append({k: "" if row.get(k) is None else str(row.get(k)) for k in fields})
+    return out.getvalue(), read_back
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported here (e.g. Windows): the data files themselves were synced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+def read_manifest(d: Path) -> dict[str, Any]:
+    """Parse ``d/manifest.json`` and check what can be checked from it alone: format version, its own
+    digest (format 2: any edited field is caught), and its fingerprint against its spec."""
+    mpath = d / MANIFEST
+    if not mpath.is_file():
+        raise StoreError(f"{d}: no {MANIFEST} (missing or interrupted build)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{d}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{d}: manifest is not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION and version not in LEGACY_VERSIONS:
+        raise StoreError(f"{d}: store format version {version} is not readable by this fewclip "
+                         f"(it writes version {FORMAT_VERSION}); the store is rebuilt")
+    if version == FORMAT_VERSION:
+        body = {k: v for k, v in manifest.items() if k != DIGEST_FIELD}
+        if manifest.get(DIGEST_FIELD) != _canonical_digest(body):
+            raise StoreError(f"{d}: {MANIFEST} was edited or is corrupt (its {DIGEST_FIELD} does not match "
+                             "its content)")
+    spec = manifest.get("spec")
+    if not isinstance(spec, dict) or manifest.get("fingerprint") != fingerprint(spec, version):
+        raise StoreError(f"{d}: manifest fingerprint does not match its spec (edited or corrupt)")
+    return manifest
+
+
+def _file_record(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    rec = manifest.get("files", {}).get(name)
+    if rec is None:
+        raise StoreError(f"manifest lists no {name}")
+    return rec if isinstance(rec, dict) else {"sha256": rec}  # format 1 recorded the sha256 alone
+
+
+def check_file(d: Path, name: str, rec: dict[str, Any], full: bool = False) -> None:
+    """Check one file of a store against its manifest record.
+
+    Size and mtime by default; the full sha256 when ``full``, when the record has no stamp (format 1), or when
+    the mtime differs (then, if the content matches, the recorded mtime is put back so the next load is cheap).
+    Raises:
+        StoreError: with the recorded and found figures.
+    """
+    f = d / name
+    try:
+        st = f.stat()
+    except FileNotFoundError:
+        raise StoreError(f"{d}: missing file {name}") from None
+    size = rec.get("size")
+    if size is not None and st.st_size != size:
+        raise StoreError(f"{d}: {name} has {st.st_size} bytes, the manifest says {size} (corrupt or modified)")
+    stamped = size is not None and st.st_mtime_ns == rec.get("mtime_ns")
+    if full or not stamped:
+        digest = sha256_file(f, _BLOCK)
+        if digest != rec.get("sha256"):
+            raise StoreError(f"{d}: checksum mismatch for {name} (sha256 {digest[:16]}..., manifest "
+                             f"{str(rec.get('sha256'))[:16]}...; corrupt or modified)")
+        if size is not None and not stamped:
+            log.info("%s/%s: modification time changed, content verified by sha256", d, name)
+            try:  # best effort: a read-only cache keeps working, it just hashes again next time
+                os.utime(f, ns=(st.st_atime_ns, rec["mtime_ns"]))
+            except (OSError, KeyError):
+                pass
+
+
+# ---------------------------------------------------------------------------------------------- bank rows
+@dataclass(frozen=True)
+class ChunkRef:
+    """A bank chunk store whose ``views.npy`` holds rows of a store (recorded in that store's manifest)."""
+
+    name: str  # chunk directory name inside the bank directory
+    fingerprint: str
+    sha256: str  # of the chunk's views.npy, as its own manifest records it
+    size: int
+
+    @classmethod
+    def of(cls, chunk: KVStore) -> ChunkRef:
+        rec = _file_record(chunk.manifest, VIEWS)
+        return cls(chunk.path.name, chunk.fingerprint, rec["sha256"], int(rec["size"]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "fingerprint": self.fingerprint, "sha256": self.sha256, "size": self.size}
+
+
+@dataclass(frozen=True)
+class BankRows:
+    """Where a store's per-view features live in a feature bank, instead of a copy in the store.
+
+    Attributes:
+        bank: the bank directory; a sibling of the store (same ``<cache>/<backbone>/<dataset>/`` folder).
+        chunks: the chunk stores referenced.
+        rows: ``[N, 2]`` int64: (index into ``chunks``, row in that chunk) of each store row.
+    """
+
+    bank: Path
+    chunks: tuple[ChunkRef, ...]
+    rows: np.ndarray
+
+
+def _open_bank_views(store_dir: Path, record: dict[str, Any], n: int, a: int, dim: int,
+                     rows: np.ndarray, full: bool = False) -> list[Path]:
+    """Check the bank chunks a store references and return their ``views.npy`` paths (not read yet)."""
+    bank = store_dir.parent / str(record.get("bank", ""))
+    chunks = record.get("chunks") or []
+    if rows.shape != (n, 2) or rows.dtype != np.int64:
+        raise StoreError(f"{store_dir}: {VIEW_ROWS} is {rows.shape} {rows.dtype}, expected ({n}, 2) int64")
+    if n and (rows[:, 0].min() < 0 or rows[:, 0].max() >= len(chunks)):
+        raise StoreError(f"{store_dir}: {VIEW_ROWS} names chunks outside the {len(chunks)} recorded")
+    paths = []
+    for i, ref in enumerate(chunks):
+        cdir = bank / str(ref.get("name"))
+        try:
+            cman = read_manifest(cdir)
+        except StoreError as e:
+            raise StoreError(f"{store_dir}: its views live in bank chunk {cdir.name}, which is missing or "
+                             f"damaged ({e})") from e
+        rec = cman.get("files", {}).get(VIEWS) or {}
+        if cman.get("fingerprint") != ref.get("fingerprint") or rec.get("sha256") != ref.get("sha256") \
+                or rec.get("size") != ref.get("size"):
+            raise StoreError(f"{store_dir}: bank chunk {cdir.name} is not the one this store was built from")
+        check_file(cdir, VIEWS, rec, full=full)
+        arr = np.load(cdir / VIEWS, mmap_mode="r")
+        shape = arr.shape
+        if len(shape) != 3 or shape[0] != a or shape[2] != dim or arr.dtype != np.float32:
+            raise StoreError(f"{store_dir}: bank chunk {cdir.name} holds views {shape} {arr.dtype}, expected "
+                             f"[{a}, *, {dim}] float32")
+        mine = rows[rows[:, 0] == i, 1]
+        if len(mine) and (mine.min() < 0 or mine.max() >= shape[1]):
+            raise StoreError(f"{store_dir}: {VIEW_ROWS} points past the {shape[1]} rows of chunk {cdir.name}")
+        paths.append(cdir / VIEWS)
+    return paths
+
+
+def gather_rows(sources: Sequence[Path | np.ndarray], rows: np.ndarray, a: int, dim: int) -> np.ndarray:
+    """``[A, N, D]`` float32: row ``rows[i, 1]`` of source ``rows[i, 0]`` for each store row ``i``.
+
+    A source is a chunk's ``[A, n, D]`` array or the path of its ``views.npy`` (memory-mapped: only the rows
+    taken are read).
+
+    Runs of consecutive rows are copied as slices (a store built from fresh chunks is one run per chunk).
+    """
+    out = np.empty((a, len(rows), dim), dtype=np.float32)
+    if not len(rows):
+        return out
+    # Split the store rows into runs where both the chunk and the row advance by one.
+    brk = np.flatnonzero((np.diff(rows[:, 0]) != 0) | (np.diff(rows[:, 1]) != 1)) + 1
+    starts = np.concatenate([[0], brk])
+    ends = np.concatenate([brk, [len(rows)]])
+    mmaps: dict[int, np.ndarray] = {}
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        c = int(rows[s, 0])
+        if c not in mmaps:
+            src = sources[c]
+            mmaps[c] = src if isinstance(src, np.ndarray) else np.load(src, mmap_mode="r")
+        r0 = int(rows[s, 1])
+        out[:, s:e] = mmaps[c][:, r0:r0 + (e - s)]
+    return out
+
+
+def _check_skipped(d: Path, manifest: dict[str, Any], meta: list[dict[str, str]]) -> None:
+    """An eval store's ``skipped`` ids (unreadable images), put back at ``skipped_at`` among the stored rows'
+    ids, must give exactly the ids the store was asked for (``spec["ids"]``)."""
+    if "skipped" not in manifest:
+        return
+    skipped, at = manifest["skipped"], manifest.get("skipped_at")
+    if not (isinstance(skipped, list) and isinstance(at, list) and len(at) == len(skipped)
+            and all(isinstance(i, int) for i in at)):
+        raise StoreError(f"{d}: the manifest's skipped / skipped_at lists are malformed")
+    merged = [r.get("id", "") for r in meta]
+    for pos, sid in sorted(zip(at, skipped)):
+        merged.insert(pos, str(sid))
+    if manifest["spec"].get("ids") != ids_digest(merged):
+        raise StoreError(f"{d}: the manifest's skipped list ({len(skipped)} ids) and the {len(meta)} stored rows "
+                         "do not make up the ids this store was built for (edited or corrupt manifest)")
+
+
+# ---------------------------------------------------------------------------------------------- the store
 class KVStore:
     """A loaded store: a faiss index over keys, int64 values, optional per-view features and row metadata.
 
@@ -71,12 +364,14 @@ class KVStore:
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], index: Any, values: np.ndarray,
-                 views: np.ndarray | None, meta: list[dict[str, str]]) -> None:
+                 views: np.ndarray | None, meta: list[dict[str, str]],
+                 bank_views: tuple[list[Path], np.ndarray] | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.index = index
         self.values = values
-        self.views = views
+        self._views = views
+        self._bank_views = bank_views  # (chunk views.npy paths, [N, 2] rows), gathered on first use
         self.meta = meta
         self._gpu_index = None
 
@@ -86,6 +381,13 @@ class KVStore:
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
+
+    @property
+    def views(self) -> np.ndarray | None:
+        """``[A, N, D]`` float32 per-view features (memory-mapped or gathered from the bank), or None."""
+        if self._views is None and self._bank_views is not None:
+            self._views = gather_rows(*self._bank_views, int(self.manifest["views"]), int(self.manifest["dim"]))
+        return self._views
 
     def keys(self) -> torch.Tensor:
         """``[N, D]`` float32 keys (reconstructed from the flat index, which stores them exactly)."""
@@ -99,8 +401,16 @@ class KVStore:
         return torch.from_numpy(self.values.copy())
 
     def view_features(self) -> torch.Tensor | None:
-        """``[A, N, D]`` float32 per-view features, or None when the store has none."""
-        return None if self.views is None else torch.from_numpy(np.array(self.views))
+        """``[A, N, D]`` float32 per-view features (a fresh tensor), or None when the store has none."""
+        if self._views is None and self._bank_views is not None:
+            return torch.from_numpy(gather_rows(*self._bank_views, int(self.manifest["views"]),
+                                                int(self.manifest["dim"])))
+        return None if self._views is None else torch.from_numpy(np.array(self._views))
+
+    @property
+    def references_bank(self) -> bool:
+        """True when the per-view features live in a feature bank (``copy_to`` makes a self-contained copy)."""
+        return "bank_views" in self.manifest
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k nearest keys by inner product: ``[B, D] -> ([B, k] scores, [B, k] row ids)``.
@@ -118,6 +428,12 @@ class KVStore:
         scores, ids = index.search(q, k)
         return torch.from_numpy(scores), torch.from_numpy(ids)
 
+    def copy_to(self, path: str | os.PathLike) -> KVStore:
+        """A self-contained copy at ``path`` (same spec and fingerprint; per-view features copied in)."""
+        extra = {k: v for k, v in self.manifest.items() if k not in BASE_FIELDS}
+        return KVStore.write(path, self.manifest["spec"], self.keys(), self.labels(), views=self.view_features(),
+                             meta=self.meta, extra=extra)
+
     # ------------------------------------------------------------------ writing
     @classmethod
     def write(
@@ -129,17 +445,22 @@ class KVStore:
         views: torch.Tensor | None = None,
         meta: Sequence[dict[str, Any]] | None = None,
         extra: dict[str, Any] | None = None,
+        bank_rows: BankRows | None = None,
     ) -> KVStore:
-        """Write a store atomically and return it loaded.
+        """Write a store atomically and return it (from memory: nothing is read back or hashed twice).
 
         Args:
             path: final directory; must not hold a valid store already (it is replaced otherwise).
             spec: everything that produced the store; its fingerprint is recorded and checked on load.
             keys: ``[N, D]`` float32, rows L2-normalised.
             values: ``[N]`` integer labels.
-            views: optional ``[A, N, D]`` float32 per-view features.
+            views: optional ``[A, N, D]`` float32 per-view features. With ``bank_rows`` they are not written
+                (the bank holds them); pass them anyway to keep them in the returned store.
             meta: optional rows (dicts with the same keys) for ``meta.csv``.
             extra: more manifest fields that are not part of the fingerprint (counts, timings).
+            bank_rows: where the per-view features live in a feature bank (support stores).
+        Raises:
+            CacheWriteError: the directory cannot be written (disk full, read-only, no permission).
         """
         import faiss
 
@@ -148,92 +469,169 @@ class KVStore:
         values_np = np.ascontiguousarray(values.detach().cpu().numpy().astype(np.int64))
         if keys_np.ndim != 2 or values_np.shape != (keys_np.shape[0],):
             raise ValueError(f"keys must be [N, D] and values [N]; got {keys_np.shape} and {values_np.shape}")
+        n, dim = keys_np.shape
         if views is not None and (views.ndim != 3 or tuple(views.shape[1:]) != keys_np.shape):
             raise ValueError(f"views must be [A, N, D] = [A, {keys_np.shape}]; got {tuple(views.shape)}")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            index = faiss.IndexFlatIP(keys_np.shape[1])
-            if len(keys_np):
-                index.add(keys_np)
-            faiss.write_index(index, str(tmp / KEYS))
-            np.save(tmp / VALUES, values_np, allow_pickle=False)
-            if views is not None:
-                np.save(tmp / VIEWS, np.ascontiguousarray(views.detach().float().cpu().numpy()),
-                        allow_pickle=False)
-            rows = list(meta or [])
-            with open(tmp / META, "w", newline="") as f:
-                fields = ["row", *([k for k in rows[0] if k != "row"] if rows else [])]
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                for i, r in enumerate(rows):
-                    w.writerow({"row": i, **{k: v for k, v in r.items() if k != "row"}})
-            files = sorted(p.name for p in tmp.iterdir())
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "fingerprint": fingerprint(spec),
-                "spec": spec,
-                "n": int(keys_np.shape[0]),
-                "dim": int(keys_np.shape[1]),
-                "views": int(views.shape[0]) if views is not None else 0,
-                "index": "IndexFlatIP",
-                "files": {name: _sha256(tmp / name) for name in files},
-                "versions": _versions(),
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **(extra or {}),
-            }
-            # The manifest is written last: a directory without one is never a store.
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            if final.exists():
-                # Another process finished the same store first, or a stale one sits here: keep a valid
-                # identical one, replace anything else.
-                try:
-                    return cls.load(final, manifest["fingerprint"])
-                except StoreError:
-                    shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return cls.load(final, manifest["fingerprint"])
+        views_np = None if views is None else np.ascontiguousarray(views.detach().float().cpu().numpy())
+        extra = dict(extra or {})
+        clash = set(extra) & set(BASE_FIELDS)
+        if clash:
+            raise ValueError(f"extra manifest fields {sorted(clash)} are reserved")
+        bank_record = None
+        n_views = 0 if views_np is None else views_np.shape[0]
+        if bank_rows is not None:
+            if bank_rows.bank.parent.resolve() != final.parent.resolve():
+                raise ValueError(f"the bank {bank_rows.bank} must sit beside the store {final}")
+            if bank_rows.rows.shape != (n, 2):
+                raise ValueError(f"bank rows must be [N, 2] = [{n}, 2]; got {bank_rows.rows.shape}")
+            if views_np is None:
+                raise ValueError("pass the views with bank_rows (their count and dimension go into the manifest)")
+            bank_record = {"bank": bank_rows.bank.name, "chunks": [c.as_dict() for c in bank_rows.chunks]}
+        # meta.csv has a line per row even without metadata, so its row count can be checked on load.
+        rows_text, meta_rows = _csv_text(list(meta) if meta else [{} for _ in range(n)])
+        index = faiss.IndexFlatIP(dim)
+        if n:
+            index.add(keys_np)
+
+        with cache_writes(final.parent):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            try:
+                files = {
+                    KEYS: _write_blocks(tmp / KEYS, iter([memoryview(faiss.serialize_index(index))])),
+                    VALUES: _write_blocks(tmp / VALUES, _npy_blocks(values_np)),
+                    META: _write_blocks(tmp / META, iter([rows_text.encode()])),
+                }
+                if bank_rows is not None:
+                    files[VIEW_ROWS] = _write_blocks(tmp / VIEW_ROWS,
+                                                     _npy_blocks(bank_rows.rows.astype(np.int64)))
+                elif views_np is not None:
+                    files[VIEWS] = _write_blocks(tmp / VIEWS, _npy_blocks(views_np))
+                manifest: dict[str, Any] = {
+                    "format_version": FORMAT_VERSION,
+                    "fingerprint": fingerprint(spec),
+                    "spec": spec,
+                    "n": int(n),
+                    "dim": int(dim),
+                    "views": int(n_views),
+                    "index": INDEX_TYPE,
+                    "files": files,
+                    "versions": _versions(),
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    **({"bank_views": bank_record} if bank_record is not None else {}),
+                    **extra,
+                }
+                manifest[DIGEST_FIELD] = _canonical_digest(manifest)
+                # The manifest is written last: a directory without one is never a store.
+                _write_blocks(tmp / MANIFEST, iter([json.dumps(manifest, indent=1, sort_keys=True).encode()]))
+                _fsync_dir(tmp)
+                if final.exists():
+                    # Another process finished the same store first, or a stale one sits here: keep a valid
+                    # identical one, replace anything else.
+                    try:
+                        return cls.load(final, manifest["fingerprint"])
+                    except StoreError:
+                        shutil.rmtree(final)
+                os.rename(tmp, final)
+                _fsync_dir(final.parent)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        bank_views = None
+        if bank_rows is not None:
+            bank_views = ([bank_rows.bank / c.name / VIEWS for c in bank_rows.chunks], bank_rows.rows)
+        return cls(final, manifest, index, values_np, views_np, meta_rows, bank_views)
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None,
-             verify: bool = True) -> KVStore:
-        """Open a store, checking its format version, fingerprint and file checksums.
+    def load(cls, path: str | os.PathLike, expected_fingerprint: str | None = None, full: bool = False) -> KVStore:
+        """Open a store and verify it (module docstring: size + mtime by default, sha256 with ``full``).
 
+        Every manifest field is checked: its digest covers them all; the fingerprint is recomputed from the
+        spec; ``n``, ``dim``, ``views`` and ``index`` must agree with the files.
         Raises:
             StoreError: when anything does not match; a store is never reused on a mismatch.
         """
         import faiss
 
         d = Path(path)
-        mpath = d / MANIFEST
-        if not mpath.is_file():
-            raise StoreError(f"{d}: no {MANIFEST} (missing or interrupted build)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{d}: unreadable manifest ({e})") from e
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{d}: format version {manifest.get('format_version')} != {FORMAT_VERSION}")
-        fp = fingerprint(manifest.get("spec", {}))
-        if manifest.get("fingerprint") != fp:
-            raise StoreError(f"{d}: manifest fingerprint does not match its spec (edited or corrupt)")
+        manifest = read_manifest(d)
+        fp = manifest["fingerprint"]
         if expected_fingerprint is not None and fp != expected_fingerprint:
             raise StoreError(f"{d}: fingerprint {fp} != expected {expected_fingerprint}: built from other settings")
-        for name, digest in manifest.get("files", {}).items():
-            f = d / name
-            if not f.is_file():
-                raise StoreError(f"{d}: missing file {name}")
-            if verify and _sha256(f) != digest:
-                raise StoreError(f"{d}: checksum mismatch for {name} (corrupt or modified)")
-        index = faiss.read_index(str(d / KEYS))
-        values = np.load(d / VALUES, allow_pickle=False)
-        views = np.load(d / VIEWS, allow_pickle=False, mmap_mode="r") if (d / VIEWS).is_file() else None
-        with open(d / META, newline="") as f:
-            meta = list(csv.DictReader(f))
-        if index.ntotal != len(values) or index.ntotal != manifest["n"]:
-            raise StoreError(f"{d}: {index.ntotal} keys, {len(values)} values, manifest says {manifest['n']}")
-        return cls(d, manifest, index, values, views, meta)
+        legacy = manifest["format_version"] != FORMAT_VERSION
+        n, dim, a = manifest.get("n"), manifest.get("dim"), manifest.get("views", 0)
+        if not all(isinstance(x, int) and x >= 0 for x in (n, dim, a)):
+            raise StoreError(f"{d}: manifest n={n!r}, dim={dim!r}, views={a!r} are not counts")
+        if manifest.get("index", INDEX_TYPE) != INDEX_TYPE:
+            raise StoreError(f"{d}: index type {manifest.get('index')!r}, expected {INDEX_TYPE}")
+        bank_record = manifest.get("bank_views")
+        required = [KEYS, VALUES, META] + ([VIEW_ROWS] if bank_record else [VIEWS] if a else [])
+        listed = manifest.get("files")
+        if not isinstance(listed, dict) or any(name not in listed for name in required):
+            raise StoreError(f"{d}: the manifest's file list {sorted(listed or {})} lacks one of {required}")
+        for name in listed:
+            check_file(d, name, _file_record(manifest, name), full=full or legacy)
+        try:
+            index = faiss.read_index(str(d / KEYS))
+            values = np.load(d / VALUES, allow_pickle=False)
+            with open(d / META, newline="") as f:
+                meta = list(csv.DictReader(f))
+        except (RuntimeError, ValueError, OSError, csv.Error, UnicodeDecodeError) as e:
+            raise StoreError(f"{d}: unreadable store file ({e})") from e
+        if type(index).__name__ != INDEX_TYPE:
+            raise StoreError(f"{d}: {KEYS} holds a {type(index).__name__}, expected {INDEX_TYPE}")
+        if index.ntotal != n or values.shape != (n,) or values.dtype != np.int64 or (len(meta) != n and not legacy):
+            raise StoreError(f"{d}: {index.ntotal} keys, values {values.shape} {values.dtype}, {len(meta)} meta "
+                             f"rows; the manifest says {n}")
+        if index.d != dim:
+            raise StoreError(f"{d}: keys have dimension {index.d}, the manifest says {dim}")
+        _check_skipped(d, manifest, meta)
+        views, bank_views = None, None
+        if bank_record:
+            rows = np.load(d / VIEW_ROWS, allow_pickle=False)
+            bank_views = (_open_bank_views(d, bank_record, n, a, dim, rows, full=full), rows)
+        elif a:
+            views = np.load(d / VIEWS, allow_pickle=False, mmap_mode="r")
+            if views.shape != (a, n, dim) or views.dtype != np.float32:
+                raise StoreError(f"{d}: views are {views.shape} {views.dtype}, the manifest says "
+                                 f"[{a}, {n}, {dim}] float32")
+        return cls(d, manifest, index, values, views, meta, bank_views)
+
+
+# ---------------------------------------------------------------------------------------------- maintenance
+def find_stores(root: str | os.PathLike) -> list[Path]:
+    """Every store directory under ``root`` (a directory holding a manifest), bank chunks included."""
+    root = Path(root)
+    found = [p.parent for p in root.rglob(MANIFEST)]
+    return sorted(p for p in found if not p.name.startswith("."))
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_tree`` found for one store: ``ok``, ``old`` (an earlier format, unused) or ``bad``."""
+
+    path: Path
+    status: str
+    detail: str = ""
+
+
+def verify_tree(root: str | os.PathLike) -> list[VerifyReport]:
+    """Fully verify (sha256 of every byte) every store under ``root``."""
+    reports = []
+    for d in find_stores(root):
+        try:
+            m = json.loads((d / MANIFEST).read_text())
+            version = m.get("format_version") if isinstance(m, dict) else None
+        except (OSError, ValueError):
+            version = None
+        if version in LEGACY_VERSIONS:
+            reports.append(VerifyReport(d, "old", f"format {version}, no longer used by this fewclip; "
+                                                  "safe to delete"))
+            continue
+        try:
+            KVStore.load(d, full=True)
+            reports.append(VerifyReport(d, "ok"))
+        except StoreError as e:
+            reports.append(VerifyReport(d, "bad", str(e)))
+    return reports

@@ -7,6 +7,7 @@ marked ``cheap`` must be refused before any backbone is built: the backbone cons
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import subprocess
@@ -28,6 +29,7 @@ class Case:
     phrase: str
     cheap: bool = True  # refused before the backbone loads
     lines: int = 1  # lines the message takes on stderr (plus Hydra's own)
+    fault: str | None = None  # every write under the cache folder fails with this errno (tests/test_store_faults.py)
 
 
 CASES = [
@@ -73,6 +75,10 @@ CASES = [
     Case("local-dir-without-weights", ("run", "backbone=open_clip", "backbone.model=local-dir:{tmp}/clip_no_weights"),
          2, "the folder has a config but no weights", cheap=False),
     Case("offline-tag", ("run", "backbone=vit_b32"), 2, "Cannot fetch pretrained weights", cheap=False, lines=3),
+    # the cache folder cannot be written
+    Case("disk-full-cache", ("run",), 2, "cannot write the feature cache at", fault="ENOSPC"),
+    Case("read-only-cache", ("run",), 2, "Read-only file system (EROFS); set cache_dir= to a writable directory",
+         fault="EROFS"),
     # other commands
     Case("completion-unknown-shell", ("run", "-sc", "install=fish"), 2, "shell completion supports bash, zsh"),
     Case("fit-bad-override", ("fit", "shots=abc"), 2, "could not be converted to Integer"),
@@ -138,7 +144,14 @@ def test_bad_input(case: Case, prepared: Path, tmp_path: Path, monkeypatch, caps
     args = [a.replace("{tmp}", str(prepared)) for a in case.args]
     if args[0] in ("run", "fit", "demo"):
         args.append(f"cache_dir={tmp_path / 'cache'}")
-    code = main(args)
+    if case.fault:
+        from test_store_faults import read_only
+
+        (tmp_path / "cache").mkdir()
+        with read_only(tmp_path / "cache", getattr(errno, case.fault)):
+            code = main(args)
+    else:
+        code = main(args)
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
     assert code == case.code, out.out + out.err

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from caches.data.records import DatasetError, ImageDataset, Sample
+from caches.store import cache_writes
 
 log = logging.getLogger(__name__)
 
@@ -207,14 +208,27 @@ def sample_fewshot(
 
 
 def persist_fewshot(split: FewShotSplit, directory: str | os.PathLike) -> Path:
-    """Write the ids as JSON (atomically) and return the path."""
+    """Write the ids as JSON (atomically) and return the path.
+
+    A file with the same content is left alone, so a run whose caches are all warm writes nothing (and works in
+    a read-only cache directory).
+    Raises:
+        CacheWriteError: the file is missing or differs and the directory cannot be written.
+    """
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     tag = "" if split.source == "fewclip" else ("dassl-" if split.source == "dassl" else "import-")
     path = d / f"fewshot-{tag}k{split.shots}-s{split.seed}-{split.data_digest}.json"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(split.to_json())
-    os.replace(tmp, path)
+    text = split.to_json()
+    try:
+        if path.read_text() == text:
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass
+    with cache_writes(d):
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return path
 
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from caches.backbone import ImageSpec
 from caches.data.augment import AugmentSpec, augmented_view, eval_transform, view_generator
 from caches.data.records import ImageDataset, Sample
+from caches.workers import loader_options
 
 # Views drawn for pixel-mode training use view indices from here on, so they never coincide with the cached
 # support views (0 .. A-1) of the same seed.
@@ -55,7 +56,8 @@ class PixelSplit:
     def _loader(self, samples: Sequence[Sample], transform: Callable[[Any, Sample], torch.Tensor],
                 batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = DataLoader(_Images(self.dataset, samples, transform, self.spec.size), batch_size=batch_size,
-                            shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
+                            shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            **loader_options(self.num_workers))
         for pixels, labels, ok in loader:
             if not bool(ok.all()):
                 pixels, labels = pixels[ok], labels[ok]

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-COMMANDS = ("run", "fit", "demo", "predict", "add-class", "report", "data")
+COMMANDS = ("run", "fit", "demo", "predict", "add-class", "report", "data", "cache")
 OVERRIDE_COMMANDS = ("run", "fit", "demo")  # the commands that take Hydra overrides
 SHELLS = ("bash", "zsh")
 

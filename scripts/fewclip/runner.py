@@ -36,6 +36,7 @@ from caches.data.records import DatasetError, check_trainable
 from caches.store import KVStore
 from fewclip.config import check_settings
 from fewclip.protocol import RunProtocol, draw_fewshot, resolve_protocol, val_description
+from fewclip.threads import configure_job_threads
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def evaluate_target(cfg: DictConfig, name: str, source: Any, adapter: Adapter, b
 
 
 # Settings that change how a job runs, not what it computes: a finished job is not re-run when only these differ.
-RESUME_IGNORES = ("progress", "num_workers", "resume")
+RESUME_IGNORES = ("progress", "num_workers", "resume", "threads")
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +255,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     if cfg.get("resume", True) and (done := finished_result(out, cfg)) is not None:
         log.info("skipping %s: result.json of the same config exists (resume=false runs it again)", out)
         return {**done, "resumed": True}
+    threads = configure_job_threads(cfg.get("threads"))
     # The adapter by its option; the dataset and backbone by name (the option's, or a folder's or model's: two
     # folder datasets must not share the name "folder" in reports).
     names = {"adapter": group_choice(cfg, "adapter"), "dataset": str(cfg.dataset.name),
@@ -348,6 +350,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         "fewshot_ids": str(fewshot_path),
         "fewshot_notes": fewshot.notes,
         "timings_s": timings,
+        "threads": threads,
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
