@@ -78,7 +78,7 @@ class AdapterContext:
     backbone: Any = None
     device: torch.device = torch.device("cpu")
     seed: int = 1
-    progress: bool = True
+    progress: bool | None = None  # None: bars on a terminal only
     pixels: Any = None  # caches.data.pixels.PixelData, for input_kind == "pixels" adapters only
     text_norms: torch.Tensor | None = None
 

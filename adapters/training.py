@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from adapters.base import Adapter, FeatureSplit, SupportSet, evaluate
+from caches.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,11 @@ def _lr_lambda(spec: TrainSpec, steps_per_epoch: int, base_lr: float | None = No
     return factor
 
 
+def epochs_for_shots(table: dict[int, int], shots: int) -> int:
+    """A method's epoch budget for ``shots`` from its table by shot count (the nearest listed count)."""
+    return table.get(shots) or table[min(table, key=lambda k: abs(k - shots))]
+
+
 def train(
     adapter: Adapter,
     batches: Batches,
@@ -178,7 +183,7 @@ def train(
     spec: TrainSpec,
     seed: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "train",
     mode: str = "features (cached views)",
     steps_per_epoch: int | None = None,
@@ -217,7 +222,7 @@ def train(
     val_accs: list[float] = []
     first_loss, n_steps = float("nan"), 0
     start = [p.detach().clone() for p in params]
-    bar = tqdm(range(1, spec.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
+    bar = Progress(range(1, spec.epochs + 1), desc=desc, unit="epoch", enabled=progress, leave=False)
     for epoch in bar:
         adapter.train()
         if start_epoch is not None:  # methods whose loss changes with the epoch (DPT's warm-up losses)
@@ -352,8 +357,7 @@ class TrainsOnFeatures:
     def epochs_by_shots_budget(self, ctx: Any, table: dict[int, int]) -> None:
         """``epochs: 0`` in the YAML: take the method's budget for the number of shots (nearest listed count)."""
         if self.spec.epochs == 0:
-            shots = max(1, len(ctx.support) // max(1, ctx.n_classes))
-            self.spec.epochs = table.get(shots) or table[min(table, key=lambda k: abs(k - shots))]
+            self.spec.epochs = epochs_for_shots(table, max(1, len(ctx.support) // max(1, ctx.n_classes)))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``[B, C], [B] -> scalar``: cross-entropy unless a method adds terms."""

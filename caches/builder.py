@@ -32,13 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from caches.backbone import FrozenClip
 from caches.data.augment import AugmentSpec, augmented_view, eval_transform, view_generator
 from caches.data.pixels import PixelSplit
 from caches.data.records import ImageDataset, Sample, sample_stamp
 from caches.locks import file_lock
+from caches.progress import Progress
 from caches.store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -124,13 +124,13 @@ class CacheBuilder:
         cache_dir: root of all stores.
         batch_size: images per encoder forward (views count as images).
         num_workers: DataLoader workers; ``None`` picks 0 for in-memory datasets and up to 4 otherwise.
-        progress: show progress bars.
+        progress: progress bars (None: on a terminal only; otherwise a log line per stage).
         chunk_images: encoded images (views count) per bank chunk. A build writes a chunk each time this many
             are done, so a killed build resumes from its completed chunks.
     """
 
     def __init__(self, backbone: FrozenClip, cache_dir: str | os.PathLike, batch_size: int = 64,
-                 num_workers: int | None = None, progress: bool = True, chunk_images: int = 8192) -> None:
+                 num_workers: int | None = None, progress: bool | None = None, chunk_images: int = 8192) -> None:
         if chunk_images < 1:
             raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
         self.backbone = backbone
@@ -280,8 +280,7 @@ class CacheBuilder:
         oks: list[torch.Tensor] = []
         done = 0
         t0 = time.perf_counter()
-        with tqdm(total=len(ds) * n_views, desc=desc, unit="img", disable=not self.progress,
-                  leave=False) as bar:
+        with Progress(total=len(ds) * n_views, desc=desc, unit="img", enabled=self.progress, leave=False) as bar:
             for pixels, ok in loader:
                 b = pixels.shape[0]
                 f = self.encode_pixels(pixels.flatten(0, 1))

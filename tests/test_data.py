@@ -6,12 +6,23 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_class_folder
+from PIL import Image
 
-from caches.data.datasets import load_digits, load_folder
+from caches.data.check import check_dataset
+from caches.data.datasets import load_csv, load_digits, load_folder
 from caches.data.fewshot import persist_fewshot, sample_fewshot, select, val_shots
-from caches.data.records import DatasetError, stratified_split
+from caches.data.records import (
+    DatasetError,
+    ImageDataset,
+    Sample,
+    UnsupportedImageError,
+    check_trainable,
+    stratified_split,
+    to_rgb,
+)
 
 T = ["a photo of a {}."]
 
@@ -130,3 +141,86 @@ def test_corrupt_image_is_replaced_by_the_next_draw(class_folder):
     # the untouched classes keep the same draw
     same = [i for i in clean.train if select(ds, "train", [i])[0].label != victim.label]
     assert set(same) <= set(fs.train)
+
+
+# ------------------------------------------------------------------------------- images of other bit depths
+def test_16_bit_png_matches_its_8_bit_twin(tmp_path):
+    """A 16-bit grey PNG (PIL mode I;16) is scaled by its bit depth, not clipped at 255 (which whitens it)."""
+    rng = np.random.default_rng(0)
+    grey8 = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.fromarray(grey8).save(tmp_path / "g8.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # 255 * 257 = 65535: the same image
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"
+        assert (np.asarray(im.convert("RGB")) == 255).mean() > 0.9  # what convert("RGB") alone makes of it
+    ds = ImageDataset("t", ["a"], T, {"train": [], "val": [], "test": []})
+    eight = np.asarray(ds.load_image(Sample("g8", 0, str(tmp_path / "g8.png"))))
+    sixteen = np.asarray(ds.load_image(Sample("g16", 0, str(tmp_path / "g16.png"))))
+    assert sixteen.shape == (16, 16, 3) and sixteen.dtype == np.uint8
+    np.testing.assert_array_equal(sixteen, eight)
+    # Values between the 8-bit levels round to the nearest: v * 255 / 65535.
+    grey16 = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "r16.png")
+    with Image.open(tmp_path / "r16.png") as im:
+        got = np.asarray(to_rgb(im))[..., 0]
+    np.testing.assert_array_equal(got, np.rint(grey16 * (255 / 65535)).astype(np.uint8))
+
+
+def test_float_and_32_bit_images_are_converted_or_refused():
+    f = Image.fromarray(np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32))
+    assert f.mode == "F"
+    np.testing.assert_array_equal(np.asarray(to_rgb(f))[..., 0], [[0, 128], [255, 64]])
+    with pytest.raises(UnsupportedImageError, match=r"values in \[0, 3\]"):
+        to_rgb(Image.fromarray(np.array([[0.0, 3.0]], dtype=np.float32)))
+    with pytest.raises(UnsupportedImageError, match="unknown bit depth"):
+        to_rgb(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)))  # mode I, no file to tell its depth
+
+
+# ----------------------------------------------------------------------------------------- CSV rows
+def _csv(tmp_path: Path, lines: list[str]) -> Path:
+    make_class_folder(tmp_path / "img", {"a": 3, "b": 3})
+    path = tmp_path / "list.csv"
+    path.write_text("\n".join(["path,label,split", *lines]) + "\n")
+    return path
+
+
+ROWS = [f"img/{c}/img{i:03d}.png,{c},{s}" for c in "ab" for i, s in enumerate(("train", "val", "test"))]
+
+
+def test_csv_conflicting_duplicates_are_an_error_naming_the_lines(tmp_path):
+    path = _csv(tmp_path, [*ROWS, "img/a/img000.png,b,test"])  # line 8: a training image again, in test as b
+    with pytest.raises(DatasetError, match=r"img/a/img000.png on lines 2, 8 as 'a' \(train\) / 'b' \(test\)"):
+        load_csv(str(path), T)
+    path = _csv(tmp_path, [*ROWS, "./img/a/img000.png,a,test"])  # another spelling of the same file
+    with pytest.raises(DatasetError, match="more than once with different labels or splits"):
+        load_csv(str(path), T)
+
+
+def test_csv_identical_duplicates_are_dropped_with_a_warning(tmp_path, caplog):
+    path = _csv(tmp_path, [*ROWS, ROWS[0]])
+    with caplog.at_level("WARNING"):
+        ds = load_csv(str(path), T)
+    assert "1 duplicate rows ignored" in caplog.text
+    assert [s.id for s in ds.splits["train"]] == ["img/a/img000.png", "img/b/img000.png"]
+
+
+def test_csv_empty_path_or_label_names_the_rows(tmp_path):
+    with pytest.raises(DatasetError, match="empty path on lines 3, 5"):
+        load_csv(str(_csv(tmp_path, [ROWS[0], ",a,val", ROWS[2], ",b,train", *ROWS[3:]])), T)
+    with pytest.raises(DatasetError, match="empty label on line 2"):
+        load_csv(str(_csv(tmp_path, ["img/a/img000.png,,train", *ROWS[1:]])), T)
+    ds = load_csv(str(_csv(tmp_path, [ROWS[0], "", ",,", *ROWS[1:]])), T)  # blank lines are not rows
+    assert sum(len(v) for v in ds.splits.values()) == len(ROWS)
+
+
+def test_an_image_in_two_splits_is_refused():
+    splits = {"train": [Sample("x", 0), Sample("y", 1)], "val": [Sample("z", 1)], "test": [Sample("x", 0)]}
+    with pytest.raises(DatasetError, match=r"x in test \(label 0\), train \(label 0\)"):
+        ImageDataset("t", ["a", "b"], T, splits)
+
+
+def test_one_class_is_refused_for_fitting_and_by_data_check(tmp_path):
+    ds = load_folder(str(make_class_folder(tmp_path / "one", {"only": 6})), T)
+    with pytest.raises(DatasetError, match="has 1 class .* at least 2"):
+        check_trainable(ds)
+    assert any("a classifier needs at least 2" in p for p in check_dataset(ds, open_images=False).problems)

@@ -163,3 +163,66 @@ def test_the_checks_catch_a_cycle_and_a_layer_breach(tmp_path):
     assert graph["low.c"] == set() and graph["high.h"] == {"low.c"}
     assert cycles(graph) == [["low.a", "low.b"]]
     assert layer_violations(graph, ("low", "high")) == ["low.d imports high.h"]
+
+
+# ------------------------------------------------------------------------------------ declared dependencies
+def _requirement_names(specs: list[str]) -> set[str]:
+    import re
+
+    return {re.split(r"[\s<>=!~;\[(]", s, maxsplit=1)[0].lower().replace("_", "-") for s in specs}
+
+
+def _third_party_imports() -> dict[str, dict[str, bool]]:
+    """Top-level third-party module -> {file: imported at module level}, over every module of the three layers."""
+    import sys
+
+    found: dict[str, dict[str, bool]] = {}
+    for module, path in module_files(ROOTS).items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        skip = _type_checking_only(tree)
+        top_level = {id(n) for stmt in tree.body if not isinstance(stmt, (ast.FunctionDef, ast.ClassDef,
+                                                                           ast.AsyncFunctionDef))
+                     for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in (*LAYERS, "__future__"):
+                    continue
+                where = found.setdefault(top, {})
+                where[module] = where.get(module, False) or id(node) in top_level
+    return found
+
+
+def test_every_third_party_import_is_declared():
+    """A module imported by the packages comes from a distribution listed in pyproject's dependencies; one that is
+    only in an optional extra is imported inside functions (so the rest works without it)."""
+    from importlib.metadata import packages_distributions
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    required = _requirement_names(project["dependencies"])
+    extras = _requirement_names([r for group in project["optional-dependencies"].values() for r in group])
+    dists = packages_distributions()
+    problems = []
+    for top, where in sorted(_third_party_imports().items()):
+        names = {d.lower().replace("_", "-") for d in dists.get(top, [])}
+        if not names:
+            problems.append(f"{top}: no installed distribution provides it ({sorted(where)})")
+        elif not names & required:
+            at_top = sorted(m for m, top_level in where.items() if top_level)
+            if not names & extras:
+                problems.append(f"{top} ({'/'.join(sorted(names))}) is imported by {sorted(where)} but not declared")
+            elif at_top:
+                problems.append(f"{top} is only in an extra but imported at module level by {at_top}")
+    assert not problems, "\n".join(problems)

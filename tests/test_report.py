@@ -245,7 +245,10 @@ def test_compare_published_delta(results, tmp_path):
     rep = rp.build_report(load(tmp_path / "ref"), published=rp.load_published())
     tip = cell(rep.summary, adapter="tip", dataset="dtd", shots=16, table="per_shot")
     assert tip["published"] == pytest.approx(60.93) and tip["delta"] == pytest.approx(62.0 - 60.93)
-    assert "(pub 60.93, Δ " in rp.render_markdown(rep)
+    # Published value and delta in columns of their own, in a companion table; the main table has none.
+    md = rp.render_markdown(rep)
+    assert "| dtd | tip | 62.00 | 60.93 | +1.07 |" in md
+    assert "### 16 shots: top-1 test accuracy (%): fewclip vs published" in md and "(pub " not in md
     tip_f = cell(rep.summary, adapter="tip_f", dataset="dtd", shots=16, table="per_shot")
     assert math.isnan(tip_f["published"])
     assert "Published tip_f rows skipped" in rp.render_markdown(rep) and "selection on test" in \
@@ -319,6 +322,86 @@ def test_csv_latex_png_and_cli(results, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # One PNG per few-shot protocol group: the views=1 group goes to a second file.
     assert (tmp_path / "curves_p2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # booktabs tables with a caption in words and a label, best values in bold.
+    assert r"\toprule" in tex and r"\label{tab:fewclip-p1-t1}" in tex and r"\textbf{" in tex
+    caption = re.search(r"\\caption\{(1 shot: .*?)\}\n", tex).group(1)
+    assert "mean $\\pm$ std over seeds" in caption and "rn50 (pretrained tag openai)" in caption
+    assert "|" not in caption  # not the raw protocol key
+
+
+def _png_dpi(data: bytes) -> float:
+    """Pixels per inch from a PNG's pHYs chunk (pixels per metre)."""
+    import struct
+
+    i = data.index(b"pHYs")
+    ppm_x = struct.unpack(">I", data[i + 4 : i + 8])[0]
+    return ppm_x * 0.0254
+
+
+@pytest.mark.parametrize("name, magic", [("acc.pdf", b"%PDF-"), ("acc.svg", b"<?xml"), ("acc.png", b"\x89PNG")])
+def test_plot_format_follows_the_extension(results, tmp_path, name, magic):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / name
+    assert rp.main([str(results["root"]), "--plot", str(path)]) == 0
+    data = path.read_bytes()
+    assert data.startswith(magic)
+    if name.endswith(".svg"):
+        assert b"<svg" in data[:2000]
+    if name.endswith(".png"):
+        assert _png_dpi(data) == pytest.approx(300, abs=1)
+
+
+def test_plot_unknown_extension_is_refused_before_any_work(results, tmp_path, capsys):
+    assert rp.main([str(results["root"]), "--plot", str(tmp_path / "acc.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert "use one of .pdf, .svg, .eps, .png" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "acc.jpg").exists()
+
+
+def test_plot_lines_differ_by_marker_and_dash_and_title_is_words(results, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures = []
+    original = Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    rp.plot(load(results["root"]), tmp_path / "acc.svg")
+    fig = figures[0]
+    lines = {ln.get_label(): ln for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+    # zero_shot, coop and tip: each its own marker and dash, so that a line under another still shows.
+    assert {ln.get_label() for ln in lines.values()} == set(ADAPTERS)
+    assert len({ln.get_marker() for ln in lines.values()}) == len({ln.get_linestyle() for ln in lines.values()}) == 3
+    title = fig._suptitle.get_text()
+    assert "Top-1 test accuracy vs shots per class" in title and "3 seeds" in title and "|" not in title
+
+
+def test_best_value_per_column_is_bold(results):
+    rep = rp.build_report(load(results["root"]))
+    main = results["main"]
+    md = rp.render_markdown(rep)
+    # 16 shots, dtd column: the adapter with the highest seed mean is bold, the others are not.
+    means = main[(main.shots == 16) & (main.dataset == "dtd")].groupby("adapter")["test_acc"].mean()
+    t = next(t for t in rep.groups[0].tables if t.title.startswith("16 shots"))
+    col = t.header.index("dtd")
+    for row in t.rows:
+        shown = f"**{row[col]}**" if row[0] == means.idxmax() else row[col]
+        line = next(ln for ln in md.split("### 16 shots")[1].splitlines() if ln.startswith(f"| {row[0]} |"))
+        assert f"| {shown} |" in line
+        assert (f"**{row[col]}**" in line) == (row[0] == means.idxmax())
+    # Base-to-novel: the best of each dataset's adapters, per column.
+    g = next(g for g in rep.groups if g.is_base_to_novel)
+    t = g.tables[0]
+    best = t.best_cells()
+    b2n = results["b2n"]
+    for d, grp in b2n.groupby("dataset"):
+        top = grp.groupby("adapter")["test_acc"].mean().idxmax()
+        rows = [i for i, r in enumerate(t.rows) if r[0] == d]
+        assert {i for i in rows if (i, 2) in best} == {i for i in rows if t.rows[i][1] == top}
 
 
 def test_shots_filter(results, capsys):
@@ -361,6 +444,4 @@ def test_average_over_the_11_datasets_is_compared(tmp_path):
     assert math.isnan(avg["std"]) and avg["n_seeds"] == 1
     assert avg["published"] == pytest.approx(73.45) and avg["delta"] == pytest.approx(avg["mean"] - 73.45)
     assert cell(rep.summary, table="per_shot", dataset="imagenet")["published"] == pytest.approx(62.97)
-    assert f"{avg['mean']:.2f} ± - (pub 73.45" in rp.render_markdown(rep)
-
-
+    assert f"| Average | coop | {avg['mean']:.2f} | 73.45 | {avg['mean'] - 73.45:+.2f} |" in rp.render_markdown(rep)

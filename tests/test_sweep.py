@@ -134,7 +134,7 @@ def test_presets_and_the_slurm_launcher_compose():
 
     register_schema()
     expected = {"smoke": 8, "main_table": 11 * 7 * 5 * 3, "base2novel": 11 * 5 * 3}
-    assert set(group_options("sweep")) == set(expected)
+    assert set(group_options("sweep")) == {*expected, "tune"}  # tune: the Optuna search (test_optuna_*)
     for preset, jobs in expected.items():
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose("config", overrides=[f"sweep={preset}"], return_hydra_config=True)
@@ -147,3 +147,24 @@ def test_presets_and_the_slurm_launcher_compose():
         cfg = compose("config", overrides=["sweep=main_table", "hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
     assert cfg.backbone.name == "rn50" and cfg.dataset.subsample == "all"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*declarative_base:Warning")
+def test_optuna_sweep_maximises_val_accuracy(tmp_path, monkeypatch, capsys):
+    """hydra/sweeper=optuna (the tune preset): each job returns its val accuracy, which the search maximises."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import yaml
+
+    from fewclip.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["run", "-m", "sweep=tune", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'tune'}",
+               f"cache_dir={tmp_path / 'cache'}", "adapter=clip_adapter", "adapter.epochs=2", "shots=2", "views=1",
+               "progress=false", "adapter.lr=tag(log, interval(1e-4, 1e-1))", "adapter.reduction=choice(2, 4)"])
+    assert rc == 0, capsys.readouterr()
+    results = [json.loads(p.read_text()) for p in (tmp_path / "tune").rglob("result.json")]
+    assert 1 <= len(results) <= 2  # a trial that repeats another's values resumes it
+    best = yaml.safe_load((tmp_path / "tune" / "optimization_results.yaml").read_text())
+    vals = {(r["config"]["adapter"]["lr"], r["config"]["adapter"]["reduction"]): r["val_acc"] for r in results}
+    assert best["best_value"] == max(vals.values())
+    assert vals[best["best_params"]["adapter.lr"], best["best_params"]["adapter.reduction"]] == best["best_value"]

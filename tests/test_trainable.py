@@ -115,6 +115,32 @@ def test_linear_probe_matches_sklearn_and_learns(task):
     assert record["optimisation"]["status"] == "ok" and record["optimisation"]["iterations"] > 0
 
 
+def test_linear_probe_path_stops_on_the_val_loss_not_on_an_accuracy_plateau(task, monkeypatch):
+    """A flat val accuracy (the noisy plateau of strongly regularised probes) must not end the C path while the
+    val cross-entropy still falls; two C values past the val-loss minimum it stops."""
+    import adapters.linear_probe as lp_module
+
+    support, text, val, _ = task
+    grid = [1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4]
+    monkeypatch.setattr(lp_module, "accuracy", lambda logits, labels: 50.0)  # the plateau
+    lp = _setup(LinearProbe(c_grid=grid, tol=1e-6, patience=2), support, text)
+    record = lp.fit(support, val)
+    # The val loss of each fitted C, recomputed here from scikit-learn's solution of the same objective.
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = support.views.reshape(-1, D).numpy(), support.labels.repeat(3).numpy()
+    fitted = [c for c in grid if repr(c) in record["fits"]]
+    losses = []
+    for c in fitted:
+        clf = LogisticRegression(C=c, max_iter=10000, tol=1e-8).fit(x, y)
+        logits = torch.from_numpy(clf.decision_function(val.features.numpy()))
+        losses.append(float(F.cross_entropy(logits, val.labels)))
+    best = int(np.argmin(losses))
+    assert len(fitted) > 3, f"stopped on the accuracy plateau after {fitted}"
+    assert fitted == grid[: min(best + 3, len(grid))], (fitted, losses)
+    assert lp.C == grid[0]  # equal accuracies: the first (most regularised) wins
+
+
 def test_training_is_seeded_and_selects_on_val_only(task):
     support, text, val, _ = task
     a = _setup(ClipAdapter(epochs=5, lr=0.01, search=False), support, text)

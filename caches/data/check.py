@@ -7,9 +7,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
-
 from caches.data.records import SPLITS, ImageDataset
+from caches.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ class CheckReport:
     notes: list[str] = field(default_factory=list)
 
 
-def check_dataset(dataset: ImageDataset, open_images: bool = True, progress: bool = True) -> CheckReport:
+def check_dataset(dataset: ImageDataset, open_images: bool = True, progress: bool | None = None) -> CheckReport:
     """Count images per split and class, find missing files and (optionally) unreadable images."""
     per_class = {
         split: {dataset.classnames[c]: n for c, n in sorted(Counter(s.label for s in samples).items())}
@@ -45,7 +44,7 @@ def check_dataset(dataset: ImageDataset, open_images: bool = True, progress: boo
     if open_images:
         missing = set(report.missing)
         todo = [s for s in every if s.id not in missing]
-        for s in tqdm(todo, desc=f"opening {dataset.name} images", unit="img", disable=not progress):
+        for s in Progress(todo, desc=f"opening {dataset.name} images", unit="img", enabled=progress):
             try:
                 dataset.load_image(s)
             except Exception:  # any decoder error means the file is unusable
@@ -56,6 +55,8 @@ def check_dataset(dataset: ImageDataset, open_images: bool = True, progress: boo
     if report.unreadable:
         report.problems.append(f"{len(report.unreadable)} unreadable images, e.g. {report.unreadable[:3]}")
     evaluation_only = dataset.parent_labels is not None
+    if dataset.n_classes < 2 and not evaluation_only:
+        report.problems.append(f"{dataset.n_classes} class: a classifier needs at least 2")
     for split in (("test",) if evaluation_only else SPLITS):
         empty = [c for c in dataset.classnames if per_class[split].get(c, 0) == 0]
         if empty:

@@ -252,6 +252,36 @@ def load_fashion_mnist(
     return subsample_classes(ds, subsample)
 
 
+def _lines(numbers: Sequence[int]) -> str:
+    """``line 3`` / ``lines 3, 7, 9 and 4 more``: where in a file something is."""
+    shown = ", ".join(str(n) for n in numbers[:5])
+    more = f" and {len(numbers) - 5} more" if len(numbers) > 5 else ""
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}{more}"
+
+
+def _dedupe_rows(name: str, file: Path, rows: list[tuple[int, str, str, str]]) -> list[tuple[int, str, str, str]]:
+    """Rows naming one image file more than once: identical ones (same label and split) are dropped with a
+    warning; different labels or splits are an error (the image would be scored in test under one label after
+    training under another)."""
+    by_file: dict[Path, list[tuple[int, str, str, str]]] = {}
+    for r in rows:
+        by_file.setdefault((file.parent / r[1]).resolve(), []).append(r)
+    conflicts = [group for group in by_file.values() if len({(r[2], r[3]) for r in group}) > 1]
+    if conflicts:
+        shown = "; ".join(f"{g[0][1]} on {_lines([r[0] for r in g])} as " + " / ".join(
+            f"'{r[2]}'" + (f" ({r[3]})" if r[3] else "") for r in g) for g in conflicts[:3])
+        raise DatasetError(f"{name}: {file} lists {len(conflicts)} images more than once with different labels or "
+                           f"splits: {shown}")
+    repeated = [group for group in by_file.values() if len(group) > 1]
+    if not repeated:
+        return rows
+    dropped = sum(len(g) - 1 for g in repeated)
+    log.warning("%s: %s lists %d images more than once with the same label and split (e.g. %s on %s): %d duplicate "
+                "rows ignored", name, file, len(repeated), repeated[0][0][1], _lines([r[0] for r in repeated[0]]),
+                dropped)
+    return [group[0] for group in by_file.values()]
+
+
 def load_csv(
     path: str | None,
     templates: Sequence[str],
@@ -279,18 +309,26 @@ def load_csv(
         cols = set(reader.fieldnames or [])
         if not {"path", "label"} <= cols:
             raise DatasetError(f"{name}: {file} has columns {sorted(cols)}; needs path and label.\n{layout}")
-        rows = [r for r in reader if (r.get("path") or "").strip()]
+        # (line number, path, label, split); a row whose every field is empty is a blank line.
+        rows = [(reader.line_num, (r.get("path") or "").strip(), (r.get("label") or "").strip(),
+                 (r.get("split") or "").strip()) for r in reader if any((v or "").strip() for v in r.values()
+                                                                        if isinstance(v, str))]
     if not rows:
         raise DatasetError(f"{name}: {file} has no rows")
-    classes = sorted({r["label"].strip() for r in rows})
+    for what, col in (("path", 1), ("label", 2)):
+        empty = [r[0] for r in rows if not r[col]]
+        if empty:
+            raise DatasetError(f"{name}: {file}: empty {what} on {_lines(empty)}")
+    rows = _dedupe_rows(name, file, rows)
+    classes = sorted({r[2] for r in rows})
     label_of = {c: i for i, c in enumerate(classes)}
-    samples = [Sample(id=r["path"].strip(), label=label_of[r["label"].strip()],
-                      path=str((file.parent / r["path"].strip()).resolve())) for r in rows]
+    samples = [Sample(id=p, label=label_of[lb], path=str((file.parent / p).resolve())) for _, p, lb, _ in rows]
     if "split" in cols:
-        bad = sorted({r["split"] for r in rows} - set(SPLITS))
+        bad = sorted({r[3] for r in rows} - set(SPLITS))
         if bad:
-            raise DatasetError(f"{name}: unknown split values {bad} in {file}; use train/val/test")
-        splits = {s: [x for x, r in zip(samples, rows) if r["split"] == s] for s in SPLITS}
+            lines = [r[0] for r in rows if r[3] not in SPLITS]
+            raise DatasetError(f"{name}: unknown split values {bad} in {file} ({_lines(lines)}); use train/val/test")
+        splits = {s: [x for x, r in zip(samples, rows) if r[3] == s] for s in SPLITS}
         split_source = "given"
     else:
         parts = stratified_split([s.label for s in samples], _check_fractions(fractions), split_seed)

@@ -65,16 +65,18 @@ class ImageDataset:
             bad = [s.id for s in samples if not 0 <= s.label < n_cls]
             if bad:
                 raise DatasetError(f"dataset {self.name}: {len(bad)} {split} labels outside [0, {n_cls}): {bad[:3]}")
+        check_overlaps(self.name, self.splits)
 
     @property
     def n_classes(self) -> int:
         return len(self.classnames)
 
     def load_image(self, sample: Sample) -> Image.Image:
-        """Open one image as RGB. Raises ``OSError`` (or a PIL error) when it is unreadable."""
+        """Open one image as 8-bit RGB (``to_rgb``). Raises ``OSError``, a PIL error or ``UnsupportedImageError``
+        when it is unreadable."""
         with Image.open(sample.path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
 
     def is_readable(self, sample: Sample) -> bool:
         try:
@@ -99,6 +101,98 @@ class ImageDataset:
             "n_classes": self.n_classes,
             "source": self.source,
         }
+
+
+def check_overlaps(name: str, splits: dict[str, list[Sample]]) -> None:
+    """Refuse an image listed in two splits or under two labels (it would be scored on what it was trained on, or
+    under a wrong label); warn about an image listed twice with the same label in one split.
+
+    Raises:
+        DatasetError: naming up to three such images and where each appears.
+    """
+    every = [(s.id, split, s.label) for split in SPLITS for s in splits.get(split, [])]
+    ids = [i for i, _, _ in every]
+    if len(set(ids)) == len(ids):  # the common case costs one set
+        return
+    seen: dict[str, set[tuple[str, int]]] = {}
+    for i, split, label in every:
+        seen.setdefault(i, set()).add((split, label))
+    conflicts = {i: sorted(v) for i, v in seen.items() if len(v) > 1}
+    if conflicts:
+        shown = "; ".join(f"{i} in " + ", ".join(f"{sp} (label {lb})" for sp, lb in v)
+                          for i, v in list(conflicts.items())[:3])
+        raise DatasetError(f"dataset {name}: {len(conflicts)} images are listed in two splits or under two labels, "
+                           f"e.g. {shown}")
+    counts: dict[str, int] = {}
+    for i in ids:
+        counts[i] = counts.get(i, 0) + 1
+    repeated = [i for i, n in counts.items() if n > 1]
+    log.warning("dataset %s: %d images are listed twice with the same label and split, e.g. %s", name,
+                len(repeated), repeated[:3])
+
+
+def check_trainable(dataset: ImageDataset) -> None:
+    """What fitting a classifier needs of a dataset, checked before any backbone is loaded: a train split and at
+    least two classes (one class scores 100% whatever the method).
+
+    Raises:
+        DatasetError: saying what is missing.
+    """
+    if not dataset.splits["train"]:
+        raise DatasetError(f"dataset {dataset.name} is evaluation-only (no train split): fit on its parent and "
+                           f"pass targets=[{dataset.name}]")
+    if dataset.n_classes < 2:
+        raise DatasetError(f"dataset {dataset.name} has {dataset.n_classes} class {dataset.classnames}: a "
+                           "classifier needs at least 2 (a one-class dataset scores 100% whatever it predicts)")
+
+
+class UnsupportedImageError(ValueError):
+    """An image whose pixel format cannot be turned into 8-bit RGB without guessing."""
+
+
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _bit_depth(img: Image.Image) -> int | None:
+    """Bits per sample of a single-channel integer image: 16 for ``I;16*`` modes and PNG (whose deepest grey is 16
+    bits), the TIFF ``BitsPerSample`` tag otherwise; None when the file does not say."""
+    if img.mode.startswith("I;16") or img.format == "PNG":
+        return 16
+    tags = getattr(img, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None  # TIFF BitsPerSample
+    if isinstance(bits, tuple):
+        bits = bits[0]
+    return int(bits) if bits else None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB, scaling high-bit-depth grey by its bit depth.
+
+    PIL's ``convert("RGB")`` clips 16-bit (``I;16``) and 32-bit (``I``) grey at 255, which turns most of a 16-bit
+    image white, and float (``F``) images are clipped the same way. Here a ``B``-bit integer image is scaled by
+    ``255 / (2**B - 1)`` (rounded), and a float image with values in [0, 1] by 255.
+
+    Raises:
+        UnsupportedImageError: an integer image of unknown bit depth or with negative values, or a float image
+            outside [0, 1], rather than guessing a scale.
+    """
+    if img.mode not in _HIGH_BIT_MODES:
+        return img.convert("RGB")
+    a = np.asarray(img)
+    if img.mode == "F":
+        if a.size and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 1):
+            raise UnsupportedImageError(
+                f"float (mode F) image with values in [{a.min():.3g}, {a.max():.3g}]: only [0, 1] can be converted "
+                "to 8-bit without guessing; save it as 8- or 16-bit")
+        grey = np.rint(a.astype(np.float64) * 255.0)
+    else:
+        bits = _bit_depth(img)
+        if bits is None or not 1 <= bits <= 32:
+            raise UnsupportedImageError(f"{img.mode} image of unknown bit depth: save it as 8- or 16-bit")
+        if a.size and a.min() < 0:
+            raise UnsupportedImageError(f"signed {bits}-bit image (values down to {a.min()}): save it as 8- or 16-bit")
+        grey = np.rint(a.astype(np.float64) * (255.0 / (2.0**bits - 1)))
+    return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
 
 
 def sample_stamp(s: Sample) -> str:

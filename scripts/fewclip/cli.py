@@ -2,7 +2,7 @@
 
     fewclip run [OVERRIDES...]        one job (Hydra overrides: adapter=tip shots=4 seed=2 ...)
     fewclip run -m [OVERRIDES...]     a sweep (Hydra multirun: adapter=zero_shot,tip seed=1,2,3)
-    fewclip demo [--out DIR] [--curve a,b] [OVERRIDES...]
+    fewclip demo [--out DIR] [--full] [--curve a,b] [OVERRIDES...]
                                       every adapter on the embedded digits set (+ Fashion-MNIST when
                                       installed) with the bundled fewclip-mini backbone, then comparison
                                       tables and the accuracy-vs-shots plot
@@ -27,32 +27,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from fewclip.console import fmt_hparams, quiet_logging, user_error
+from fewclip import completion
+from fewclip.console import config_error, error_line, fmt_hparams, quiet_logging, user_error
 
 log = logging.getLogger("fewclip")
 
 USAGE = __doc__ or ""
 
 
-def _run_hydra(overrides: list[str]) -> int:
-    import hydra
+def _job_function(reported: list[BaseException]) -> Any:
+    """The Hydra task function of ``fewclip run``: one job; returns its val accuracy (never test), the value
+    Hydra's sweepers (Optuna) optimise, or None when the job failed. A single run's bad input is logged in one line
+    and appended to ``reported`` (the command then exits 2)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
     from fewclip import sweep
-    from fewclip.config import conf_dir, register_schema
-    from fewclip.runner import run
+    from fewclip.runner import RESULT_FILE, run
 
-    register_schema()
-    sweep.last_summary = None
-
-    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
-    def job(cfg: DictConfig) -> None:
+    def job(cfg: DictConfig) -> float | None:
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
         out = Path(hc.runtime.output_dir)
@@ -73,11 +73,13 @@ def _run_hydra(overrides: list[str]) -> int:
             if not multirun:
                 if err is None:
                     raise
+                # Reported here in one line; raising would make Hydra add its own "Error executing job" line.
                 log.error("%s", err)
-                raise SystemExit(2) from None
+                reported.append(err)
+                return None
             log.error("%s failed: %s (%s)", label, err or f"{type(e).__name__}: {e}", out / sweep.ERROR_FILE)
             sweep.job_progress(hc.job.num, f"{label}: FAILED after {time.perf_counter() - t:.1f} s")
-            return
+            return None
         sweep.clear_failure(out)
         line = (f"{label}: val {res['val_acc']:.2f}%  test {res['test_acc']:.2f}%  "
                 f"hparams {fmt_hparams(res['hparams'])}")
@@ -85,10 +87,53 @@ def _run_hydra(overrides: list[str]) -> int:
             status = "already done, skipped" if res.get("resumed") else f"{time.perf_counter() - t:.1f} s"
             sweep.job_progress(hc.job.num, f"{line}  ({status})")
         else:
-            sys.stdout.write(line + "\n")
+            sys.stdout.write(f"{line}\nresult: {out / RESULT_FILE}\n")
+        return float(res["val_acc"])
 
+    return job
+
+
+def _run_hydra(overrides: list[str]) -> int:
+    import hydra
+
+    from fewclip import sweep
+    from fewclip.config import conf_dir, register_schema
+
+    if (done := completion.handle(overrides)) is not None:
+        return done
+    register_schema()
+    sweep.last_summary = None
+    reported: list[BaseException] = []
+    task = _job_function(reported)
+    started = []
+
+    def job(cfg: Any) -> float | None:
+        started.append(True)
+        return task(cfg)
+
+    main_fn = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(job)
     sys.argv = ["fewclip run", *overrides]
-    job()
+    # Hydra prints its own errors and exits 1; with HYDRA_FULL_ERROR they reach us, and a config error (bad
+    # override, unknown option, missing value) becomes one line and exit 2, as every other bad input.
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main_fn()
+    except Exception as e:
+        # Before a job started every Hydra/OmegaConf error is the config's; after, only composition errors and
+        # missing values (a sweep composes each job), not a bug inside the job.
+        msg = config_error(e, any_omegaconf=not started)
+        if msg is None:
+            raise
+        sys.stderr.write(f"fewclip run: {msg}\n")
+        return 2
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+    if reported:
+        return 2
     if sweep.last_summary is not None and sweep.last_summary["failed"]:
         return 1
     return 0
@@ -106,13 +151,20 @@ def data_check(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="dataset=NAME and other overrides (dataset.root=...)")
     args = p.parse_args(argv)
     quiet_logging()
-    cfg = compose(args.overrides)
+    try:
+        cfg = compose(args.overrides)
+        name = str(cfg.dataset.name)
+    except Exception as e:
+        if (err := error_line(e)) is None:
+            raise
+        sys.stderr.write(f"fewclip data check: {err}\n")
+        return 2
     try:
         dataset = instantiate(cfg.dataset)
     except Exception as e:
         if (err := user_error(e)) is None:
             raise
-        sys.stdout.write(f"dataset {cfg.dataset.name}: cannot be read\n{err}\n")
+        sys.stdout.write(f"dataset {name}: cannot be read\n{err}\n")
         return 1
     report = check_dataset(dataset, open_images=not args.no_open, progress=cfg.progress)
     sys.stdout.write(format_report(report) + "\n")
@@ -125,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("-sc", "--shell-completion"):  # Hydra's flag given before the command: completion is run's
+        cmd, rest = "run", argv
     if cmd == "run":
         return _run_hydra(rest)
     if cmd == "demo":

@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from caches.store import WRITE_ERRNOS
@@ -15,13 +16,14 @@ from caches.store import WRITE_ERRNOS
 
 def user_error(e: BaseException) -> BaseException | None:
     """The bad-input error behind ``e`` (Hydra wraps errors raised while instantiating), or None."""
-    from caches.backbone import UnsupportedBackboneError, WeightsUnavailableError
+    from caches.backbone import BackboneConfigError, UnsupportedBackboneError, WeightsUnavailableError
     from caches.data.records import DatasetError
     from caches.store import StoreError
+    from fewclip.config import SettingsError
     from fewclip.recipes import RecipeError
 
-    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError,
-             RecipeError)
+    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, BackboneConfigError, StoreError,
+             SettingsError, FileNotFoundError, RecipeError)
     while e is not None:
         if isinstance(e, kinds):
             return e
@@ -29,6 +31,72 @@ def user_error(e: BaseException) -> BaseException | None:
             return write_failure(e)
         e = e.__cause__
     return None
+
+
+QUIET_LOGGERS = ("faiss", "PIL", "matplotlib", "urllib3", "filelock", "huggingface_hub")
+"""Third-party loggers kept at WARNING (faiss logs six lines per process about which library it loaded)."""
+
+
+class QuietRoot(logging.Filter):
+    """Drop INFO and DEBUG records of the root logger: fewclip never logs there, open_clip does (a dozen lines per
+    model built). Used by the job log file (``conf/hydra/job_logging/fewclip.yaml``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "root" or record.levelno >= logging.WARNING
+
+
+# Settings a user must give for some options: what the missing value error should say.
+MISSING_HINTS = {
+    "backbone.model": "backbone=open_clip needs backbone.model=ARCH (e.g. ViT-B-32; open_clip.list_models() lists "
+                      "them) and backbone.pretrained=TAG or a weights file, or "
+                      "backbone.model=local-dir:/path/to/folder",
+}
+
+
+def config_error(e: BaseException, any_omegaconf: bool = False) -> str | None:
+    """One line for a config error: Hydra's composition errors (a bad override, an unknown option, a value of the
+    wrong type) and a missing mandatory value; with ``any_omegaconf`` (errors raised before a job started, while
+    Hydra resolves the output folder) every OmegaConf error. None for anything else, including errors raised
+    inside a ``_target_`` (``InstantiationException``: see ``user_error``)."""
+    from hydra.errors import HydraException, InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(e, (HydraException, OmegaConfBaseException)) or isinstance(e, InstantiationException):
+        return None
+    missing = re.search(r"Missing mandatory value: ([\w.]+)", f"{e}\n{e.__cause__}")
+    if missing:
+        key = missing.group(1)
+        return f"{key} is not set: {MISSING_HINTS.get(key, f'pass {key}=VALUE')}"
+    if isinstance(e, OmegaConfBaseException) and not any_omegaconf:
+        return None
+    text = str(e)
+    if e.__cause__ is not None and str(e.__cause__) not in text:
+        text += "\n" + str(e.__cause__)
+    # One line: Hydra's indented lists ("Available options in 'adapter':" then one option per line) are joined
+    # with commas, the other lines with semicolons.
+    out: list[str] = []
+    listing = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("object_type="):
+            continue
+        if line.startswith("Config search path"):  # where Hydra looked: not the user's concern
+            break
+        if listing and raw[:1] in ("\t", " "):
+            out[-1] += (" " if out[-1].endswith(":") else ", ") + line
+            continue
+        listing = line.endswith(":")
+        out.append(line)
+    return "; ".join(out)
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one line a command prints for bad input behind ``e`` (a config error, a missing dataset or weights
+    file, a damaged store), or None when ``e`` is a bug (which keeps its traceback)."""
+    if (msg := config_error(e)) is not None:
+        return msg
+    err = user_error(e)
+    return None if err is None else str(err).strip()
 
 
 def write_failure(e: OSError) -> RuntimeError:
@@ -46,6 +114,8 @@ def quiet_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("fewclip", "adapters", "caches"):
         logging.getLogger(name).setLevel(logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def fmt_hparams(hp: dict[str, Any]) -> str:

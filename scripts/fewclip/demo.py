@@ -10,6 +10,10 @@ Defaults, each overridable on the command line (an override of the same key wins
   under the table;
 * the curve: ``zero_shot, tip, gda, linear_probe, coop`` at 1, 2, 4, 8 and 16 shots (the table's runs are reused
   at its shot count), printed as a table and drawn with ``fewclip report``'s plot into ``<out>/curve.png``.
+
+The work is estimated first (images to encode times the backbone's measured cost per image, :mod:`fewclip.estimate`)
+and said; a plan estimated beyond ``DEMO_BUDGET_S`` (a real backbone on a CPU) keeps to the first dataset and the
+feature-mode adapters unless ``--full`` is given or the datasets or adapters are named.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fewclip.console import fmt_hparams, quiet_logging, user_error
+from fewclip.console import error_line, fmt_hparams, quiet_logging
 
 log = logging.getLogger("fewclip")
 
@@ -31,6 +35,8 @@ DEMO_SHORT = {"coop_pixels": ["adapter.epochs=20"], "maple": ["adapter.epochs=2"
               "dpt": ["adapter.epochs=10", "adapter.pretrain_epochs=5", "adapter.warmup_epochs=2"]}
 CURVE_ADAPTERS = "zero_shot,tip,gda,linear_probe,coop"
 CURVE_SHOTS = "1,2,4,8,16"
+DEMO_BUDGET_S = 600.0
+"""A demo estimated to take longer than this runs its quick plan unless ``--full`` is given."""
 
 Job = Callable[[str, str, Path, list[str]], "dict[str, Any] | None"]
 
@@ -62,6 +68,58 @@ def demo_datasets(choice: str | None) -> list[str]:
     return names
 
 
+def demo_plan(datasets: list[str], adapters: list[str], overrides: list[str], full: bool, quick_ok: bool,
+              budget_s: float | None = None) -> tuple[list[str], list[str], list[str]]:
+    """The datasets and adapters the demo will run, and the lines that say so.
+
+    The work is counted in encoder passes (stores per dataset; every epoch of a pixel-mode adapter, at the demo's
+    schedules) and timed with the backbone's measured cost per image. Over ``budget_s`` (default
+    ``DEMO_BUDGET_S``), and when ``quick_ok`` (the user named neither the datasets nor the adapters) and not
+    ``full``, the plan keeps the first dataset and the feature-mode adapters.
+    """
+    from hydra.utils import get_class, instantiate
+
+    from fewclip.config import check_settings, compose
+    from fewclip.estimate import fmt_duration, pixel_adapter_passes, seconds_per_image, store_passes
+    from fewclip.runner import instantiate_node
+
+    budget_s = DEMO_BUDGET_S if budget_s is None else budget_s
+    cfg = compose([f"dataset={datasets[0]}", *demo_overrides("", overrides)])
+    check_settings(cfg)
+    backbone = instantiate_node(cfg.backbone)
+    per_image, device = seconds_per_image(backbone), backbone.device.type
+    del backbone  # the jobs load their own; the estimate's copy is not kept in memory beside them
+
+    def adapter_cfg(name: str, dataset: str) -> Any:
+        return compose([f"dataset={dataset}", f"adapter={name}", *demo_overrides(name, overrides)])
+
+    pixel = [a for a in adapters
+             if getattr(get_class(adapter_cfg(a, datasets[0]).adapter._target_), "input_kind", "features") == "pixels"]
+    cost: dict[tuple[str, str | None], float] = {}
+    for name in datasets:
+        dcfg = compose([f"dataset={name}", *demo_overrides("", overrides)])
+        ds = instantiate_node(dcfg.dataset)
+        cost[name, None] = store_passes(ds, int(dcfg.shots), int(dcfg.views)) * per_image
+        for a in pixel:
+            acfg = adapter_cfg(a, name)
+            cost[name, a] = pixel_adapter_passes(instantiate(acfg.adapter), ds, int(acfg.shots)) * per_image
+
+    def total(ds: list[str], ad: list[str]) -> float:
+        return sum(v for (d, a), v in cost.items() if d in ds and (a is None or a in ad))
+
+    full_s = total(datasets, adapters)
+    lines = [f"demo: backbone {cfg.backbone.name} on {device}, {per_image * 1000:.1f} ms per image; "
+             f"estimated encoder time {fmt_duration(full_s)} for {', '.join(datasets)} x {len(adapters)} adapters "
+             f"({len(pixel)} on pixels: {', '.join(pixel) or 'none'})"]
+    if full or full_s <= budget_s or not quick_ok:
+        return datasets, adapters, lines
+    quick_ds, quick_ad = datasets[:1], [a for a in adapters if a not in pixel]
+    lines.append(f"demo: running the quick plan ({quick_ds[0]}, the {len(quick_ad)} feature-mode adapters: "
+                 f"about {fmt_duration(total(quick_ds, quick_ad))}); --full runs everything (about "
+                 f"{fmt_duration(full_s)})")
+    return quick_ds, quick_ad, lines
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(k) for k in text.split(",") if k]
@@ -81,6 +139,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--adapters", default=None, help="comma-separated subset (default: every adapter)")
     p.add_argument("--datasets", default=None,
                    help="comma-separated datasets (default: digits, plus fashion_mnist when installed)")
+    p.add_argument("--full", action="store_true",
+                   help="every dataset and adapter even when the estimate is long (pixel-mode adapters with a real "
+                        "backbone on a CPU take hours)")
     p.add_argument("--curve", default=CURVE_ADAPTERS, help="adapters of the accuracy-vs-shots curve ('' skips it)")
     p.add_argument("--curve-shots", default=CURVE_SHOTS, help="shot counts of the curve")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. shots=4 backbone=rn50")
@@ -97,14 +158,26 @@ def main(argv: list[str]) -> int:
         try:
             return run(cfg, out_dir=where)
         except Exception as e:
-            if (err := user_error(e)) is None:
+            if (err := error_line(e)) is None:
                 raise
-            log.error("%s", err)
+            sys.stderr.write(f"fewclip demo: {err}\n")
             return None
 
+    asked = adapters
+    try:
+        datasets, adapters, plan = demo_plan(demo_datasets(args.datasets), adapters, args.overrides, args.full,
+                                             quick_ok=args.datasets is None and args.adapters is None)
+    except Exception as e:
+        if (err := error_line(e)) is None:
+            raise
+        sys.stderr.write(f"fewclip demo: {err}\n")
+        return 2
+    sys.stdout.write("\n".join(plan) + "\n")
+    sys.stdout.flush()
+    if adapters != asked:  # the quick plan's curve keeps to the adapters it runs
+        curve = [a for a in curve if a in adapters]
     lines: list[str] = []
     res: dict[str, Any] = {}
-    datasets = demo_datasets(args.datasets)
     for dataset in datasets:
         rows = []
         for name in adapters:

@@ -2,9 +2,11 @@
 
 Order of work, which is also the protocol:
 
-1. build the backbone and the dataset; resolve the protocol (``fewshot``, or ``reference``: the method's recipe,
+0. check what is cheap to check first: the settings, the dataset (readable, two classes or more, K shots per
+   class available): bad input is reported before the backbone loads;
+1. build the dataset; resolve the protocol (``fewshot``, or ``reference``: the method's recipe,
    ``fewclip.protocol``); draw K shots per class from train and the validation images (min(K, 4) per class, or
-   what the recipe's official code used);
+   what the recipe's official code used); load the backbone;
 2. build or load the text head, support and val stores;
 3. ``adapter.setup`` -> ``fit(support, val)`` -> ``tune(val)``: every choice is made on val;
 4. build or load the test store and evaluate on it, once;
@@ -30,8 +32,9 @@ from caches.builder import CacheBuilder, describe_stores, text_raw_norms
 from caches.data.augment import AugmentSpec
 from caches.data.fewshot import persist_fewshot, select
 from caches.data.pixels import PixelData
-from caches.data.records import DatasetError
+from caches.data.records import DatasetError, check_trainable
 from caches.store import KVStore
+from fewclip.config import check_settings
 from fewclip.protocol import RunProtocol, draw_fewshot, resolve_protocol, val_description
 from fewclip.threads import configure_job_threads
 
@@ -242,6 +245,7 @@ def support_store(builder: CacheBuilder, dataset: Any, samples: list, cfg: DictC
 def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run one job and write ``result.json`` into ``out_dir`` (default: the Hydra output directory)."""
     t_start = time.perf_counter()
+    check_settings(cfg)
     if out_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
@@ -252,23 +256,25 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         log.info("skipping %s: result.json of the same config exists (resume=false runs it again)", out)
         return {**done, "resumed": True}
     threads = configure_job_threads(cfg.get("threads"))
-    names = {g: group_choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
+    # The adapter by its option; the dataset and backbone by name (the option's, or a folder's or model's: two
+    # folder datasets must not share the name "folder" in reports).
+    names = {"adapter": group_choice(cfg, "adapter"), "dataset": str(cfg.dataset.name),
+             "backbone": str(cfg.backbone.name)}
     timings: dict[str, float] = {}
 
-    t = time.perf_counter()
-    backbone = instantiate_node(cfg.backbone)
-    timings["backbone"] = time.perf_counter() - t
+    # Cheap checks first: a missing folder, an empty class or too few shots must not wait for the backbone.
     t = time.perf_counter()
     dataset = instantiate_node(cfg.dataset)
+    check_trainable(dataset)
     timings["dataset"] = time.perf_counter() - t
-    if not dataset.splits["train"]:
-        raise DatasetError(f"dataset {dataset.name} is evaluation-only (no train split): fit on its parent and "
-                           f"pass targets=[{dataset.name}]")
     proto = resolve_protocol(cfg, names["adapter"], names["dataset"])
     fewshot = draw_fewshot(cfg, dataset, proto, instantiate_node)
     fewshot_path = persist_fewshot(fewshot, Path(cfg.cache_dir) / "fewshot" / dataset.name)
     # An imported CoOp draw may take ImageNet support images from the val split fewclip carved from train.
     support_samples = select(dataset, ("train", "val"), fewshot.train)
+    t = time.perf_counter()
+    backbone = instantiate_node(cfg.backbone)
+    timings["backbone"] = time.perf_counter() - t
 
     builder = CacheBuilder(backbone, cfg.cache_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                            progress=cfg.progress)

@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -85,10 +86,16 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._start = time.time()
-        params = dict(config.hydra.sweeper.get("params") or {})
-        total = count_jobs({k: str(v) for k, v in params.items()}, list(config.hydra.overrides.task))
+        if config.hydra.sweeper.get("n_trials") is not None:  # a search (Optuna): as many jobs as trials
+            total: int | str = int(config.hydra.sweeper.n_trials)
+        else:
+            params = dict(config.hydra.sweeper.get("params") or {})
+            try:
+                total = count_jobs({k: str(v) for k, v in params.items()}, list(config.hydra.overrides.task))
+            except HydraException:  # a sweep whose values are not a list (an interval for another sweeper)
+                total = "?"
         os.environ[_TOTAL_ENV] = str(total)  # read by each job's progress line (inherited by launcher workers)
-        log.info("sweep: %d jobs into %s", total, config.hydra.sweep.dir)
+        log.info("sweep: %s jobs into %s", total, config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global last_summary

@@ -14,7 +14,7 @@ from fewclip.artifact.fitting import fit_run
 from fewclip.artifact.format import ArtifactError
 from fewclip.artifact.images import collect_images
 from fewclip.artifact.predict import FilePredictions, load_artifact
-from fewclip.console import fmt_hparams, quiet_logging, user_error
+from fewclip.console import error_line, fmt_hparams, quiet_logging
 
 
 def write_predictions(preds: FilePredictions, classnames: Sequence[str], out: Any, topk: int = 5) -> None:
@@ -35,20 +35,12 @@ def write_predictions(preds: FilePredictions, classnames: Sequence[str], out: An
         w.writerow([item, "ok", top[0][0], top[0][1], *[x for pair in top for x in pair]])
 
 
-def _bad_input(e: BaseException) -> BaseException | None:
-    from hydra.errors import ConfigCompositionException, OverrideParseException
-
-    # Config errors (unknown option, bad override) are the user's; an error inside instantiation is not.
-    if isinstance(e, (ArtifactError, ConfigCompositionException, OverrideParseException)):
-        return e
-    return user_error(e)
-
-
 def _fail(prog: str, e: BaseException) -> int:
-    err = _bad_input(e)
+    # Config errors (unknown option, bad override) and bad input are the user's; anything else is a bug.
+    err = str(e).strip() if isinstance(e, ArtifactError) else error_line(e)
     if err is None:
         raise e
-    sys.stderr.write(f"{prog}: {str(err).strip()}\n")
+    sys.stderr.write(f"{prog}: {err}\n")
     return 2
 
 
@@ -84,7 +76,7 @@ def _backbone_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", default=None,
                    help="weights to load instead of the recorded ones (a file or tag); must be the fitted weights")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder forward")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (bars are shown on a terminal only)")
 
 
 def predict_main(argv: list[str]) -> int:
@@ -105,7 +97,7 @@ def predict_main(argv: list[str]) -> int:
         paths = collect_images(args.images)
         art = load_artifact(args.artifact, device=args.device, pretrained=args.pretrained)
         preds = art.predict_files(paths, batch_size=args.batch_size, num_workers=args.num_workers,
-                                  progress=not args.no_progress)
+                                  progress=False if args.no_progress else None)
     except Exception as e:
         return _fail("fewclip predict", e)
     if args.out == "-":
@@ -140,7 +132,8 @@ def add_class_main(argv: list[str]) -> int:
     try:
         paths = collect_images(args.images) if args.images else []
         art = load_artifact(args.artifact, device=args.device, pretrained=args.pretrained)
-        record = art.add_class(args.name, paths, batch_size=args.batch_size, progress=not args.no_progress)
+        record = art.add_class(args.name, paths, batch_size=args.batch_size,
+                               progress=False if args.no_progress else None)
     except Exception as e:
         return _fail("fewclip add-class", e)
     lines = [f"added class '{record['classname']}' to {args.artifact} ({len(art.classnames)} classes): "

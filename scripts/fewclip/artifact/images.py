@@ -13,17 +13,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from caches.data.records import IMAGE_EXTENSIONS
+from caches.data.records import IMAGE_EXTENSIONS, to_rgb
 from fewclip.artifact.format import ArtifactError
 
 
 def open_rgb(item: str | os.PathLike | Image.Image) -> Image.Image:
-    """A path or PIL image as a fully read RGB image (the file is closed before returning)."""
+    """A path or PIL image as a fully read 8-bit RGB image (the file is closed before returning); 16-bit and float
+    grey are scaled by their bit depth (``caches.data.records.to_rgb``)."""
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return to_rgb(item)
     with Image.open(item) as img:
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 class ImageFiles(Dataset):

@@ -106,7 +106,7 @@ class Artifact:
         Returns:
             ``FilePredictions`` with ``probs [N, C]`` (NaN rows for unreadable images) and the errors.
         """
-        from tqdm.auto import tqdm
+        from caches.progress import Progress
 
         items = list(images)
         n, size = len(items), self.backbone.image_spec.size
@@ -117,7 +117,7 @@ class Artifact:
                             num_workers=workers, pin_memory=self.backbone.device.type == "cuda",
                             **loader_options(workers))
         start = 0
-        with tqdm(total=n, desc="predict", unit="img", disable=not progress) as bar:
+        with Progress(total=n, desc="predict", unit="img", enabled=progress) as bar:
             for pixels, errs in loader:
                 ok = torch.tensor([not e for e in errs])
                 rows = torch.arange(start, start + len(errs))

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from fewclip.report.load import RESULT_FILE, ReportError, load_published, load_results
-from fewclip.report.plots import plot
+from fewclip.report.plots import plot, plot_format
 from fewclip.report.render import render_markdown, write_csv, write_latex, write_markdown
 from fewclip.report.tables import build_report
 
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "report.tex, per --format)")
     p.add_argument("--format", type=_formats, default=None, metavar="md,csv,latex",
                    help="files to write into --out (default: all three when --out is given)")
-    p.add_argument("--plot", metavar="FILE", help="write accuracy-vs-shots curves to this PNG")
+    p.add_argument("--plot", metavar="FILE", help="write accuracy-vs-shots curves to this file: .pdf, .svg, .eps "
+                                                 "(vector) or .png (300 dpi)")
     p.add_argument("--compare", metavar="published",
                    help="'published' (the packaged published numbers) or a CSV with the same columns: add the "
                         "published value and the delta next to each cell that has one")
@@ -60,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None and any(f != "md" for f in formats):
         sys.stderr.write("fewclip report: --format csv/latex writes files and needs --out DIR\n")
         return 2
+    if args.plot:
+        try:
+            plot_format(args.plot)  # a bad extension is reported before any work
+        except ReportError as e:
+            sys.stderr.write(f"fewclip report: {e}\n")
+            return 2
     df = load_results(args.dirs)
     if df.empty:
         n_bad = len(df.attrs.get("skipped", []))
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         try:
             plot(df, args.plot, shots=args.shots)
-        except ImportError as e:
+        except (ImportError, ReportError) as e:
             sys.stderr.write(f"fewclip report: {e}\n")
             return 2
     return 0

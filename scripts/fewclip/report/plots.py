@@ -1,4 +1,5 @@
-"""Accuracy-vs-shots plots (``fewclip report --plot``): one PNG per few-shot protocol group, matplotlib only here."""
+"""Accuracy-vs-shots plots (``fewclip report --plot``): one figure per few-shot protocol group, matplotlib only
+here. The file's extension picks the format: PDF, SVG and EPS are vector, PNG is rendered at print resolution."""
 
 from __future__ import annotations
 
@@ -10,10 +11,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fewclip.report.load import ReportError
+from fewclip.report.render import protocol_summary
 from fewclip.report.stats import STD_DDOF, average_over_datasets, seed_stats
 from fewclip.report.tables import ADAPTER_ORDER, STANDARD_DATASETS, build_report, common_datasets, ordered
 
 log = logging.getLogger(__name__)
+
+FORMATS = {".pdf": "pdf", ".svg": "svg", ".eps": "eps", ".png": "png"}
+PNG_DPI = 300  # print resolution; vector formats need none
+# Lines differ by marker and dash as well as colour: they stay apart in print, in greyscale and for colour-blind
+# readers, and a line hidden under another still shows its markers.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+DASHES = ("-", "--", "-.", ":")
+
+
+def plot_format(path: str | Path) -> str:
+    """The matplotlib format for a file name (``acc.pdf`` -> ``pdf``).
+
+    Raises:
+        ReportError: for an extension that is not .pdf, .svg, .eps or .png.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ReportError(f"--plot {path}: the extension picks the format; use one of {', '.join(FORMATS)}")
+    return FORMATS[suffix]
 
 
 def plot(df: pd.DataFrame, path: str | Path, shots: Sequence[int] | None = None,
@@ -24,6 +46,7 @@ def plot(df: pd.DataFrame, path: str | Path, shots: Sequence[int] | None = None,
     group is written to ``path``, further groups to ``<stem>_p<i><suffix>``. The Average panel averages the
     datasets present for every (adapter, shots), as the "over datasets" table does. Returns the files written.
     """
+    fmt = plot_format(path)
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -51,7 +74,7 @@ def plot(df: pd.DataFrame, path: str | Path, shots: Sequence[int] | None = None,
         all_shots = sorted(runs["shots"].unique())
         for ax, panel in zip(axes, panels):
             for j, a in enumerate(adapters):
-                color = f"C{j % 10}"
+                color, marker, dash = f"C{j % 10}", MARKERS[j % len(MARKERS)], DASHES[j % len(DASHES)]
                 if panel == "Average":
                     ar = runs[runs["adapter"] == a]
                     pts = [(k, *average_over_datasets(ar[ar["shots"] == k], common, "test_acc", ddof)[:2])
@@ -66,9 +89,9 @@ def plot(df: pd.DataFrame, path: str | Path, shots: Sequence[int] | None = None,
                 s = np.nan_to_num(np.array([p[2] for p in pts], dtype=float))
                 if a == "zero_shot" and len(x) == 1:
                     # Zero-shot does not use the shots: a flat reference line reads better than one dot.
-                    ax.axhline(m[0], color=color, linestyle="--", linewidth=1.2, label=a)
+                    ax.axhline(m[0], color=color, linestyle=(0, (1, 1)), linewidth=1.4, label=f"{a} (any shots)")
                     continue
-                ax.plot(x, m, marker="o", markersize=3, color=color, label=a)
+                ax.plot(x, m, marker=marker, markersize=4, linestyle=dash, linewidth=1.3, color=color, label=a)
                 ax.fill_between(x, m - s, m + s, color=color, alpha=0.2, linewidth=0)
             ax.set_title(panel if panel != "Average" else f"Average ({len(common)} datasets)", fontsize=9)
             ax.set_xscale("log", base=2)
@@ -87,10 +110,13 @@ def plot(df: pd.DataFrame, path: str | Path, shots: Sequence[int] | None = None,
                     handles.append(h)
                     labels.append(lab)
         fig.legend(handles, labels, loc="outside right center", fontsize=8)
-        fig.suptitle(g.key.replace("|", "  "), fontsize=8)
+        seeds = int(runs.groupby(["adapter", "dataset", "shots"])["seed"].nunique().max())
+        fig.suptitle(f"Top-1 test accuracy vs shots per class: mean over {seeds} seed{'s' * (seeds > 1)}"
+                     f"{', band: ± std' if seeds > 1 else ''}\n{protocol_summary(g.fields)}", fontsize=9)
         target = path if i == 0 else path.with_name(f"{path.stem}_p{i + 1}{path.suffix}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target, dpi=120, format="png")
+        fig.savefig(target, dpi=PNG_DPI if fmt == "png" else "figure", format=fmt,
+                    metadata={"Creator": "fewclip report"} if fmt in ("pdf", "svg") else None)
         log.info("wrote %s", target)
         written.append(target)
     if not groups:

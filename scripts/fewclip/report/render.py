@@ -49,6 +49,25 @@ def describe_protocol(fields: Mapping[str, Any], template_list: str | None = Non
             f"classes: {sub_text}"]
 
 
+def weights_words(weights: Any) -> str:
+    """``tag:openai`` -> ``pretrained tag openai``; ``file-sha256:ab12`` -> ``weights file (sha256 ab12)``."""
+    kind, _, value = str(weights).partition(":")
+    return {"tag": f"pretrained tag {value}", "file-sha256": f"weights file (sha256 {value})",
+            "local-dir-sha256": f"local-dir weights (sha256 {value})",
+            "random": "random weights"}.get(kind, "unknown weights" if weights is None else str(weights))
+
+
+def protocol_summary(fields: Mapping[str, Any]) -> str:
+    """A protocol group in one phrase of words, for plot titles and table captions."""
+    tpl = fields.get("templates")
+    sub = {"base": ", base classes", "new": ", novel classes"}.get(str(fields.get("subsample")), "")
+    parts = [f"{fields.get('backbone') or 'unknown backbone'} ({weights_words(fields.get('backbone_weights'))})",
+             "standard templates" if tpl == "default" else "custom templates" if tpl else "templates unknown",
+             f"{fields.get('split_source') or 'unknown'} split",
+             f"val {fields.get('val_shots') or '?'} per class", f"{fields.get('views') or '?'} views"]
+    return ", ".join(parts) + sub
+
+
 def _stats_footnote(ddof: int) -> str:
     kind = "population std (ddof=0, as CoOp/Dassl's parse_test_res)" if ddof == 0 else f"sample std (ddof={ddof})"
     return (f"Cells: mean ± {kind} over seeds; '± -' = a single seed; (n=...) = fewer seeds than the most in this "
@@ -60,10 +79,22 @@ def _md_table(t: DisplayTable) -> str:
     def esc(c: str) -> str:
         return c.replace("|", "\\|")
 
+    best = t.best_cells()
+    n_text = _text_columns(t)
     lines = ["| " + " | ".join(esc(h) for h in t.header) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(t.header) - 1)) + "|"]
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in t.rows]
+             "|" + "|".join([":---"] * n_text + ["---:"] * (len(t.header) - n_text)) + "|"]
+    lines += ["| " + " | ".join(f"**{esc(c)}**" if (i, j) in best and c else esc(c) for j, c in enumerate(r))
+              + " |" for i, r in enumerate(t.rows)]
     return "\n".join(lines)
+
+
+def _text_columns(t: DisplayTable) -> int:
+    """Leading columns that hold labels, not numbers (left-aligned)."""
+    labels = ("dataset", "adapter", "shots", "metric")
+    n = 0
+    while n < len(t.header) and t.header[n] in labels:
+        n += 1
+    return max(n, 1)
 
 
 def render_markdown(report: Report) -> str:
@@ -71,7 +102,7 @@ def render_markdown(report: Report) -> str:
     out = ["# fewclip report", ""]
     out += [*report.notes, ""]
     for i, g in enumerate(report.groups, 1):
-        out += [f"## Protocol {i}: `{g.key}`", ""]
+        out += [f"## Protocol {i}: {protocol_summary(g.fields)}", "", f"- key: `{g.key}`"]
         tl = g.runs["template_list"].dropna()
         out += [f"- {line}" for line in describe_protocol(g.fields, tl.iloc[0] if len(tl) else None)]
         out += [f"- runs: {len(g.runs)} ({g.runs['adapter'].nunique()} adapter(s), {g.runs['dataset'].nunique()} "
@@ -80,7 +111,8 @@ def render_markdown(report: Report) -> str:
         for t in g.tables:
             out += [f"### {t.title}", "", _md_table(t), ""]
             out += [f"{n}  " for n in t.notes] + ([""] if t.notes else [])
-    out += [_stats_footnote(report.ddof), ""]
+    out += [_stats_footnote(report.ddof), "Bold: the best value of each column (of each dataset in base-to-novel "
+            "tables).", ""]
     return "\n".join(out)
 
 
@@ -106,14 +138,16 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
 
 
-def _latex_table(t: DisplayTable, caption: str) -> str:
+def _latex_table(t: DisplayTable, caption: str, label: str) -> str:
     # Hand-written rather than DataFrame.to_latex: that needs jinja2, which fewclip does not declare.
-    n_text = 2 if t.header[:2] == ["dataset", "adapter"] else 1
+    n_text = _text_columns(t)
     spec = "l" * n_text + "r" * (len(t.header) - n_text)
+    best = t.best_cells()
     lines = [r"\begin{table}[t]", r"\centering", r"\small", f"\\caption{{{latex_escape(caption)}}}",
-             f"\\begin{{tabular}}{{{spec}}}", r"\toprule",
+             f"\\label{{{label}}}", f"\\begin{{tabular}}{{{spec}}}", r"\toprule",
              " & ".join(latex_escape(h) for h in t.header) + r" \\", r"\midrule"]
-    lines += [" & ".join(latex_escape(c) for c in r) + r" \\" for r in t.rows]
+    lines += [" & ".join(f"\\textbf{{{latex_escape(c)}}}" if (i, j) in best and c else latex_escape(c)
+                         for j, c in enumerate(r)) + r" \\" for i, r in enumerate(t.rows)]
     lines += [r"\bottomrule", r"\end{tabular}"]
     if t.notes:
         lines += [r"\par\footnotesize " + latex_escape(" ".join(n.replace("\\*", "*") for n in t.notes))]
@@ -126,10 +160,13 @@ def write_latex(report: Report, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = ["% fewclip report; needs \\usepackage{booktabs}", "% " + _stats_footnote(report.ddof), ""]
+    spread = "mean ± std over seeds" + (" (population std)" if report.ddof == 0 else "")
     for i, g in enumerate(report.groups, 1):
         parts.append(f"% Protocol {i}: {g.key}")
-        for t in g.tables:
-            parts += [_latex_table(t, f"{t.title}. Protocol {i}: {g.key}"), ""]
+        for j, t in enumerate(g.tables, 1):
+            bold = "; best per column in bold" if t.values is not None else ""
+            caption = f"{t.title}, {spread}{bold}. Protocol {i}: {protocol_summary(g.fields)}."
+            parts += [_latex_table(t, caption, f"tab:fewclip-p{i}-t{j}"), ""]
     path = out / "report.tex"
     path.write_text("\n".join(parts))
     log.info("wrote %s", path)

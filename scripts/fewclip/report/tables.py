@@ -43,12 +43,55 @@ ADAPTER_ORDER = ("zero_shot", "linear_probe", "lp_pp", "clap", "coop", "coop_pix
 
 @dataclass
 class DisplayTable:
-    """A table as strings, shared by the Markdown and LaTeX writers."""
+    """A table as strings, shared by the Markdown and LaTeX writers.
+
+    ``values`` holds each cell's number (NaN for text and empty cells) when the table has a best value per column
+    to mark; ``blocks`` (one key per row) limits that comparison to rows of the same block (the base-to-novel table
+    compares the adapters of one dataset).
+    """
 
     title: str
     header: list[str]
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
+    values: list[list[float]] | None = None
+    blocks: list[str] | None = None
+
+    def best_cells(self) -> set[tuple[int, int]]:
+        """``(row, column)`` of the highest value of each column (within each block): every tie is marked, and a
+        column (block) with fewer than two values has no best."""
+        if self.values is None:
+            return set()
+        best: set[tuple[int, int]] = set()
+        blocks = self.blocks or [""] * len(self.values)
+        for j in range(len(self.header)):
+            for b in dict.fromkeys(blocks):
+                cells = [(i, self.values[i][j]) for i in range(len(self.values))
+                         if blocks[i] == b and np.isfinite(self.values[i][j])]
+                if len(cells) < 2:
+                    continue
+                top = max(round(v, 2) for _, v in cells)  # as shown: equal to two decimals is a tie
+                best.update((i, j) for i, v in cells if round(v, 2) == top)
+        return best
+
+
+@dataclass
+class _Compared:
+    """The cells of a table that have a published value: fewclip's mean, the published value and the difference, in
+    columns of their own (a companion table)."""
+
+    labels: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+    def add(self, labels: list[str], mean: float, pub: float) -> None:
+        if np.isfinite(pub) and np.isfinite(mean):
+            self.rows.append([*labels, f"{mean:.2f}", f"{pub:.2f}", f"{mean - pub:+.2f}"])
+
+    def table(self, title: str, notes: list[str]) -> list[DisplayTable]:
+        if not self.rows:
+            return []
+        return [DisplayTable(f"{title}: fewclip vs published", [*self.labels, "fewclip", "published", "Δ"],
+                             self.rows, notes)]
 
 
 @dataclass
@@ -166,12 +209,6 @@ def _fmt(mean: float, std: float, n: int, n_full: int) -> str:
     return s
 
 
-def _with_pub(cell: str, pub: float, mean: float) -> str:
-    if not cell or not np.isfinite(pub):
-        return cell
-    return f"{cell} (pub {pub:.2f}, Δ {mean - pub:+.2f})"
-
-
 def _is_standard_set(datasets: Iterable[str]) -> bool:
     canon = [_canonical(d) for d in datasets]
     return len(canon) == len(set(canon)) and set(canon) == set(STANDARD_DATASETS)
@@ -231,12 +268,14 @@ def _few_shot_tables(group: ProtocolGroup, pub: _Published, ddof: int) -> list[d
         common, excluded = common_datasets(cells, ["adapter"])
         with_avg = len(datasets) > 1
         st = stats[stats["shots"] == k].set_index(["adapter", "dataset"])
-        rows, sources = [], {}
+        rows, values, sources = [], [], {}
+        compared = _Compared(["dataset", "adapter"])
         for a in adapters:
-            row = [a]
+            row, vals = [a], [math.nan]
             for d in datasets:
                 if (a, d) not in st.index:
                     row.append("")
+                    vals.append(math.nan)
                     continue
                 s = st.loc[(a, d)]
                 p = pub.get(a, d, int(k), "test_acc")
@@ -244,9 +283,12 @@ def _few_shot_tables(group: ProtocolGroup, pub: _Published, ddof: int) -> list[d
                     sources[a] = p[1]
                 records.append(_record(group, "per_shot", k, a, d, "test_acc", float(s["mean"]), float(s["std"]),
                                        int(s["n_seeds"]), p))
-                row.append(_with_pub(_fmt(s["mean"], s["std"], int(s["n_seeds"]), n_full), p[0], s["mean"]))
+                row.append(_fmt(s["mean"], s["std"], int(s["n_seeds"]), n_full))
+                vals.append(float(s["mean"]))
+                compared.add([d, a], float(s["mean"]), p[0])
             if not with_avg:
                 rows.append(row)
+                values.append(vals)
                 continue
             mean, std, n = average_over_datasets(cells[cells["adapter"] == a], common, "test_acc", ddof)
             partial = bool(excluded)
@@ -256,29 +298,34 @@ def _few_shot_tables(group: ProtocolGroup, pub: _Published, ddof: int) -> list[d
             if common:
                 records.append(_record(group, "per_shot", k, a, "Average", "test_acc", mean, std, n, p,
                                        n_datasets=len(common), partial=partial))
-            cell = _fmt(mean, std, n, n_full) + ("*" if partial and common else "")
-            row.append(_with_pub(cell, p[0], mean))
+            row.append(_fmt(mean, std, n, n_full) + ("*" if partial and common else ""))
+            vals.append(mean if common else math.nan)
+            compared.add(["Average", a], mean, p[0])
             rows.append(row)
+            values.append(vals)
         notes = [_missing_note(cells, ["adapter"], excluded, common)] if excluded else []
         if pub.rows is not None and len(datasets) > 1 and not _is_standard_set(common):
             notes.append("The Average is compared with published 11-dataset averages only when it covers "
                          "exactly the 11 standard datasets.")
-        notes += _source_notes(sources)
         header = ["adapter", *datasets] + (["Average"] if with_avg else [])
-        group.tables.append(DisplayTable(f"{_shots_label(k)}: top-1 test accuracy (%)", header, rows, notes))
+        title = f"{_shots_label(k)}: top-1 test accuracy (%)"
+        group.tables.append(DisplayTable(title, header, rows, notes, values))
+        group.tables += compared.table(title, _source_notes(sources))
 
     # Adapter x shots, averaged over the datasets present in every (adapter, shots) cell, so each column of the
     # table averages the same datasets.
     if len(shots_all) > 0:
         common, excluded = common_datasets(runs, ["adapter", "shots"])
         adapters = ordered(runs["adapter"].unique(), ADAPTER_ORDER)
-        rows, sources = [], {}
+        rows, values, sources = [], [], {}
+        compared = _Compared(["shots", "adapter"])
         for a in adapters:
-            row = [a]
+            row, vals = [a], [math.nan]
             for k in shots_all:
                 cell_runs = runs[(runs["adapter"] == a) & (runs["shots"] == k)]
                 if cell_runs.empty or not common:
                     row.append("")
+                    vals.append(math.nan)
                     continue
                 mean, std, n = average_over_datasets(cell_runs, common, "test_acc", ddof)
                 p = pub.get(a, "Average", int(k), "test_acc") if _is_standard_set(common) else (math.nan, None)
@@ -286,24 +333,31 @@ def _few_shot_tables(group: ProtocolGroup, pub: _Published, ddof: int) -> list[d
                     sources[a] = p[1]
                 records.append(_record(group, "over_datasets", k, a, "Average", "test_acc", mean, std, n, p,
                                        n_datasets=len(common), partial=bool(excluded)))
-                row.append(_with_pub(_fmt(mean, std, n, n_full) + ("*" if excluded else ""), p[0], mean))
+                row.append(_fmt(mean, std, n, n_full) + ("*" if excluded else ""))
+                vals.append(mean)
+                compared.add([_shots_label(k), a], mean, p[0])
             rows.append(row)
+            values.append(vals)
         over = ", ".join(common) if common else "no dataset common to every cell"
         notes = [f"Averaged over: {over}."]
         if excluded:
             notes.append(_missing_note(runs, ["adapter", "shots"], excluded, common))
-        notes += _source_notes(sources)
-        group.tables.append(DisplayTable("Average over datasets vs shots: top-1 test accuracy (%)",
-                                         ["adapter", *[_shots_label(k) for k in shots_all]], rows, notes))
+        title = "Average over datasets vs shots: top-1 test accuracy (%)"
+        group.tables.append(DisplayTable(title, ["adapter", *[_shots_label(k) for k in shots_all]], rows, notes,
+                                         values))
+        group.tables += compared.table(title, _source_notes(sources))
     return records
 
 
 def _b2n_row(group: ProtocolGroup, pub: _Published, k: int, a: str, d: str, b: tuple[float, float, int],
              nv: tuple[float, float, int], *, partial: bool, n_datasets: float, compare: bool, n_full: int,
-             sources: dict[str, str], records: list[dict[str, Any]]) -> list[str]:
-    """One base-to-novel table row from (mean, std, n_seeds) of Base and Novel; appends its summary records."""
+             sources: dict[str, str], records: list[dict[str, Any]], compared: _Compared,
+             values: list[list[float]]) -> list[str]:
+    """One base-to-novel table row from (mean, std, n_seeds) of Base and Novel; appends its summary records, its
+    numbers to ``values`` and its published comparisons to ``compared``."""
     h = harmonic_mean(b[0], nv[0])
     out = [d, a]
+    values.append([math.nan, math.nan, b[0], nv[0], h])
     for metric, (m, s, n) in (("base", b), ("novel", nv), ("hm", (h, math.nan, min(b[2], nv[2])))):
         p = pub.get(a, d, k, metric) if compare else (math.nan, None)
         if p[1]:
@@ -312,7 +366,8 @@ def _b2n_row(group: ProtocolGroup, pub: _Published, k: int, a: str, d: str, b: t
                                partial=partial))
         # HM has no seed spread of its own (it is computed from the means), so only its value is shown.
         cell = f"{m:.2f}" if metric == "hm" else _fmt(m, s, n, n_full)
-        out.append(_with_pub(cell + ("*" if partial else ""), p[0], m))
+        out.append(cell + ("*" if partial else ""))
+        compared.add([d, a, {"hm": "HM"}.get(metric, metric.capitalize())], m, p[0])
     return out
 
 
@@ -332,8 +387,8 @@ def _b2n_tables(group: ProtocolGroup, pub: _Published, ddof: int) -> list[dict[s
         adapters = ordered(cells["adapter"].unique(), ADAPTER_ORDER)
         datasets = ordered(cells["dataset"].unique(), STANDARD_DATASETS)
         common, excluded = common_datasets(cells, ["adapter"])
-        rows, sources = [], {}
-
+        rows, values, sources = [], [], {}
+        compared = _Compared(["dataset", "adapter", "metric"])
         for d in datasets:
             for a in adapters:
                 if (a, d, k) in base.index and (a, d, k) in novel.index:
@@ -342,7 +397,7 @@ def _b2n_tables(group: ProtocolGroup, pub: _Published, ddof: int) -> list[dict[s
                                          (float(b["mean"]), float(b["std"]), int(b["n_seeds"])),
                                          (float(nv["mean"]), float(nv["std"]), int(nv["n_seeds"])),
                                          partial=False, n_datasets=math.nan, compare=True, n_full=n_full,
-                                         sources=sources, records=records))
+                                         sources=sources, records=records, compared=compared, values=values))
         if common:
             for a in adapters:
                 ar = cells[cells["adapter"] == a]
@@ -351,14 +406,15 @@ def _b2n_tables(group: ProtocolGroup, pub: _Published, ddof: int) -> list[dict[s
                                      average_over_datasets(ar, common, "novel_acc", ddof),
                                      partial=bool(excluded), n_datasets=len(common),
                                      compare=_is_standard_set(common), n_full=n_full, sources=sources,
-                                     records=records))
+                                     records=records, compared=compared, values=values))
         notes = ["HM = 2·B·N/(B+N) from the seed-averaged Base and Novel; the Average row's HM is the HM of the "
                  "averaged Base and Novel."]
         if excluded:
             notes.append(_missing_note(cells, ["adapter"], excluded, common))
-        notes += _source_notes(sources)
-        group.tables.append(DisplayTable(f"Base-to-novel, {_shots_label(k)}: top-1 test accuracy (%)",
-                                         ["dataset", "adapter", "Base", "Novel", "HM"], rows, notes))
+        title = f"Base-to-novel, {_shots_label(k)}: top-1 test accuracy (%)"
+        group.tables.append(DisplayTable(title, ["dataset", "adapter", "Base", "Novel", "HM"], rows, notes, values,
+                                         blocks=[r[0] for r in rows]))
+        group.tables += compared.table(title, _source_notes(sources))
     return records
 
 
