@@ -23,6 +23,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+# How an adapter is scored and the default val-only search live in tuning.py, which imports nothing from here at
+# run time; they are re-exported because every method imports its contract from this module.
+from adapters.tuning import accuracy, evaluate, grid_search, predict_split
+
+__all__ = ["Adapter", "AdapterContext", "FeatureSplit", "SupportSet", "accuracy", "evaluate", "grid_search",
+           "predict_split"]
+
 
 @dataclass
 class FeatureSplit:
@@ -74,36 +81,6 @@ class AdapterContext:
         return len(self.classnames)
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent (0-100). ``logits [N, C]``, ``labels [N]``; ties go to the lowest class."""
-    if labels.numel() == 0:
-        raise ValueError("accuracy of an empty split")
-    correct = int((logits.argmax(dim=-1) == labels.to(logits.device)).sum())
-    return correct * 100.0 / labels.numel()
-
-
-def predict_split(adapter: Adapter, split: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a whole split: ``([N, C], [N])``.
-
-    ``split`` is a ``FeatureSplit`` (cached features) or, for pixel-mode adapters, anything with a
-    ``batches()`` iterator of ``(pixels, labels)`` (``caches.data.pixels.PixelSplit``).
-    """
-    if isinstance(split, FeatureSplit):
-        return adapter.predict(split.features), split.labels
-    logits, labels = [], []
-    for x, y in split.batches():
-        logits.append(adapter.predict(x))
-        labels.append(y)
-    if not logits:
-        raise ValueError("empty split")
-    return torch.cat(logits), torch.cat(labels)
-
-
-def evaluate(adapter: Adapter, split: Any) -> float:
-    """Top-1 accuracy (percent) of ``adapter`` on a feature or pixel split."""
-    return accuracy(*predict_split(adapter, split))
-
-
 class Adapter(nn.Module, ABC):
     """Base class of every method. Subclasses set the class attributes and implement ``forward``."""
 
@@ -152,8 +129,6 @@ class Adapter(nn.Module, ABC):
 
     def tune(self, val: FeatureSplit) -> dict[str, Any]:
         """Search ``hparam_grid()`` on ``val`` and keep the best. Override for a faster exact search."""
-        from adapters.tuning import grid_search
-
         return grid_search(self, val)
 
     # ------------------------------------------------------------------ shared pieces

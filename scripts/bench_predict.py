@@ -58,8 +58,8 @@ def main() -> None:
     args = p.parse_args()
     logging.disable(logging.WARNING)
 
-    from adapters.artifact import fit, load_artifact
     from caches import backbone as backbone_module
+    from fewclip.artifact import fit, load_artifact
 
     w, h = (int(v) for v in args.size.split("x"))
     name = f"{args.model}-random"

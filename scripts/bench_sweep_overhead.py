@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep(workdir: Path, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "adapters.cli", "run", "-m", f"cache_dir={workdir / 'cache'}", "progress=false",
+    cmd = [sys.executable, "-m", "fewclip", "run", "-m", f"cache_dir={workdir / 'cache'}", "progress=false",
            *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     t = time.perf_counter()

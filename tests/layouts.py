@@ -11,7 +11,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image
 
-from adapters.config import conf_dir
+from fewclip.config import conf_dir
 
 COOP = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "sun397", "dtd", "eurosat",
         "ucf101"]

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from conftest import make_class_folder
 
-from adapters.artifact import (
+from caches.store import KVStore
+from fewclip.artifact import (
     AddClassError,
     ArtifactError,
     BackboneMismatchError,
@@ -22,7 +23,6 @@ from adapters.artifact import (
     load_artifact,
     predict_main,
 )
-from caches.store import KVStore
 
 CLASSES = {"red_fox": 10, "blue_jay": 10, "green_tree": 10}
 TIP_FIXED = {"adapter__search": False, "adapter__alpha": 20.0, "adapter__beta": 5.0}
@@ -261,8 +261,8 @@ def test_which_adapters_take_a_new_class(name):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from adapters.artifact import add_class_rule
-    from adapters.config import conf_dir
+    from fewclip.artifact import add_class_rule
+    from fewclip.config import conf_dir
 
     node = OmegaConf.load(conf_dir() / "adapter" / f"{name.replace('_csc', '')}.yaml")
     if name == "coop_csc":
@@ -369,8 +369,8 @@ def test_fit_cli_refuses_a_foreign_folder_and_replaces_an_artifact(work, capsys)
 
 
 def test_python_api_package():
-    import adapters.api as api
-    import adapters.artifact as artifact
+    import fewclip as api
+    import fewclip.artifact as artifact
 
     assert api.fit is artifact.fit and api.load_artifact is artifact.load_artifact and api.Artifact is artifact.Artifact
     fewclip = pytest.importorskip("fewclip", reason="the fewclip package mapping needs 'pip install -e .' again")

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import synthetic_features
 
-from adapters.auto import Auto
 from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
+from fewclip.auto import Auto
 
 C, D = 5, 16
 
@@ -98,10 +98,10 @@ def test_auto_never_reads_test_labels_before_the_final_evaluation(tmp_path, monk
     """Test samples whose labels raise until the runner's final evaluation starts."""
     import json
 
-    from adapters import runner
-    from adapters.cli import compose
     from caches.data import datasets
     from caches.data.records import Sample
+    from fewclip import runner
+    from fewclip.config import compose
 
     state = {"final": False, "reads": 0}
 
@@ -142,9 +142,9 @@ def test_auto_never_reads_test_labels_before_the_final_evaluation(tmp_path, monk
 
 
 def test_a_saved_auto_run_restores_its_winner(tmp_path):
-    from adapters.cli import compose
-    from adapters.runner import restore_adapter, run
     from caches.store import KVStore
+    from fewclip.config import compose
+    from fewclip.runner import restore_adapter, run
 
     cfg = compose([f"cache_dir={tmp_path / 'cache'}", "progress=false", "device=cpu", "adapter=auto", "shots=4",
                    "views=2", "adapter.candidates=[zero_shot,linear_probe,clip_adapter]",

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from adapters.base import Adapter
-from adapters.cli import compose
-from adapters.config import conf_dir, group_options
 from caches.backbone import FrozenClip, WeightsUnavailableError
 from caches.data.records import ImageDataset
+from fewclip.config import compose, conf_dir, group_options
 
 GROUPS = ("backbone", "dataset", "adapter")
 
@@ -29,6 +30,31 @@ def test_every_adapter_yaml_instantiates(name):
     adapter = instantiate(cfg.adapter)
     assert isinstance(adapter, Adapter)
     assert adapter.input_kind in ("features", "pixels")
+    # Methods live in adapters/; auto, which fits several of them, is the application's (fewclip/auto.py).
+    assert cfg.adapter._target_.startswith("fewclip.auto." if name == "auto" else "adapters.")
+
+
+def test_the_config_ships_with_the_package(tmp_path, monkeypatch):
+    """conf/ is the package fewclip.conf; FEWCLIP_CONF replaces it, and a wrong FEWCLIP_CONF is named."""
+    from importlib import resources
+    from pathlib import Path
+
+    monkeypatch.delenv("FEWCLIP_CONF", raising=False)
+    assert conf_dir() == Path(str(resources.files("fewclip.conf")))
+    repo_conf = Path(__file__).resolve().parents[1] / "conf"
+    assert sorted(p.relative_to(conf_dir()) for p in conf_dir().rglob("*.yaml")) == \
+        sorted(p.relative_to(repo_conf) for p in repo_conf.rglob("*.yaml"))
+
+    copy = tmp_path / "conf"
+    shutil.copytree(conf_dir(), copy, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    text = (copy / "config.yaml").read_text()
+    assert "\nshots: 16\n" in text and compose([]).shots == 16
+    (copy / "config.yaml").write_text(text.replace("\nshots: 16\n", "\nshots: 3\n"))
+    monkeypatch.setenv("FEWCLIP_CONF", str(copy))
+    assert conf_dir() == copy and compose([]).shots == 3
+    monkeypatch.setenv("FEWCLIP_CONF", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="FEWCLIP_CONF"):
+        conf_dir()
 
 
 @pytest.fixture(scope="module")

@@ -164,8 +164,8 @@ def test_deep_prompt_learners_learn_a_synthetic_image_task(tmp_path, adapter, ex
     """Class-coloured images, a random tiny backbone (zero-shot at chance): the prompts must learn the classes."""
     from conftest import make_class_folder
 
-    from adapters.cli import compose
-    from adapters.runner import run
+    from fewclip.config import compose
+    from fewclip.runner import run
 
     root = make_class_folder(tmp_path / "imgs", {f"class{i}": 24 for i in range(4)})
     res = run(compose([f"cache_dir={tmp_path / 'cache'}", "progress=false", "device=cpu", "dataset=folder",

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adapters import report as rp
+import fewclip
+from fewclip import report as rp
 
 # A template no dataset config uses, shared by every dataset: all synthetic runs get the same template hash, so
 # grouping does not depend on what conf/dataset/*.yaml holds.
@@ -218,7 +219,7 @@ def test_base_to_novel_hm(results):
 
 def test_compare_published_delta(results):
     rep = rp.build_report(load(results["root"]), published=rp.load_published("published"))
-    pub = pd.read_csv(Path(rp.__file__).with_name("published.csv"))
+    pub = pd.read_csv(Path(fewclip.__file__).with_name("published.csv"))
     pub = pub[pub.backbone == "RN50"]
     compared = rep.summary[rep.summary.published.notna()]
     assert len(compared) > 0

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters.cli import compose
-from adapters.runner import run
 from caches.store import KVStore
+from fewclip.config import compose
+from fewclip.runner import run
 
 REQUIRED = {"dataset", "adapter", "backbone", "shots", "seed", "n_classes", "n_test", "test_acc", "val_acc",
             "hparams", "selection", "cache", "timings_s", "versions", "config"}
@@ -86,7 +86,7 @@ def test_folder_dataset_run(tmp_path, split_folder):
 
 def _fewclip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "adapters.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "fewclip", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -117,7 +117,7 @@ def test_fitted_state_is_saved_and_restores_the_same_predictions(tmp_path):
     from hydra.utils import instantiate
 
     from adapters.base import AdapterContext, SupportSet
-    from adapters.runner import restore_adapter
+    from fewclip.runner import restore_adapter
 
     cfg = _cfg(tmp_path, "adapter=tip_f", "shots=2", "views=2", "adapter.epochs=3", "adapter.beta_steps=5",
                "adapter.alpha_steps=5")
@@ -147,9 +147,9 @@ def test_pixel_mode_coop_matches_feature_evaluation(tmp_path):
 
     from adapters.base import AdapterContext, SupportSet, accuracy, predict_split
     from adapters.coop import CoOp, CoOpPixels
-    from adapters.runner import restore_adapter
     from caches.backbone import FrozenClip
     from caches.builder import CacheBuilder
+    from fewclip.runner import restore_adapter
 
     common = ["shots=1", "views=1", "adapter.epochs=2", "adapter.batch_size=4", "batch_size=128"]
     res = run(_cfg(tmp_path, "adapter=coop_pixels", *common), out_dir=tmp_path / "px")
@@ -177,7 +177,7 @@ def test_pixel_mode_coop_matches_feature_evaluation(tmp_path):
 
 
 def _adapter_yamls() -> list[str]:
-    from adapters.config import group_options
+    from fewclip.config import group_options
 
     return group_options("adapter")
 
@@ -187,7 +187,7 @@ def test_every_adapter_runs_on_a_folder_dataset(tmp_path, class_folder, adapter)
     """``fewclip run adapter=NAME dataset=folder``: every adapter YAML fits, selects on val and writes a result."""
     from omegaconf import OmegaConf
 
-    from adapters.config import conf_dir
+    from fewclip.config import conf_dir
 
     node = OmegaConf.load(conf_dir() / "adapter" / f"{adapter}.yaml")
     short = [f"adapter.epochs={1 if adapter == 'cocoop' else 2}"] if "epochs" in node else []
@@ -215,7 +215,7 @@ def test_base_to_novel_scores_the_new_classes_with_what_was_learned_on_the_base_
     names = [r["classname"] for r in stores["text"].meta]
     assert names == ["five", "six", "seven", "eight", "nine"]
     coop = CoOp(n_ctx=16)
-    from adapters.runner import instantiate_node
+    from fewclip.runner import instantiate_node
 
     backbone = instantiate_node(_cfg(tmp_path).backbone)
     coop.setup(AdapterContext(classnames=names, text_head=stores["text"].keys(), backbone=backbone, progress=False,

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from layouts import COOP, WNID_NAMES, make_all, make_coop, make_csv, make_fashion, make_imagenet, make_imagenet_targets
 
-from adapters.cli import compose
-from adapters.config import group_options
-from adapters.runner import instantiate_node as instantiate
-from adapters.runner import run
 from caches.data.check import check_dataset
 from caches.data.records import DatasetError, base_class_count, subsample_classes
 from caches.data.standard import imagenet_target
 from caches.store import KVStore
+from fewclip.config import compose, group_options
+from fewclip.runner import instantiate_node as instantiate
+from fewclip.runner import run
 
 STANDARD = COOP + ["fgvc_aircraft", "imagenet", "imagenet_ens", "fashion_mnist", "csv"]
 
@@ -208,7 +207,7 @@ def test_data_check_reports_real_problems(tmp_path):
 def test_data_check_cli(tmp_path):
     base = make_coop(tmp_path, "dtd")
     (base / "images" / "class_1" / "val_0.jpg").write_bytes(b"garbage")
-    cmd = [sys.executable, "-m", "adapters.cli", "data", "check", "dataset=dtd", f"data_root={tmp_path}",
+    cmd = [sys.executable, "-m", "fewclip", "data", "check", "dataset=dtd", f"data_root={tmp_path}",
            "progress=false"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and "1 unreadable" in p.stdout and "class_1/val_0.jpg" in p.stdout

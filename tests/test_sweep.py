@@ -19,7 +19,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def _sweep(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "adapters.cli", "run", "-m", "sweep=smoke", f"cache_dir={tmp_path / 'cache'}",
+    return [sys.executable, "-m", "fewclip", "run", "-m", "sweep=smoke", f"cache_dir={tmp_path / 'cache'}",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", "progress=false", *extra]
 
 
@@ -80,7 +80,7 @@ def test_smoke_sweep_is_killed_resumed_and_encodes_each_image_once(tmp_path):
                for r in results.values())
 
     # The report's numbers equal a computation over the result files written here.
-    rep = subprocess.run([sys.executable, "-m", "adapters.cli", "report", str(tmp_path / "sweep"), "--out",
+    rep = subprocess.run([sys.executable, "-m", "fewclip", "report", str(tmp_path / "sweep"), "--out",
                           str(tmp_path / "report"), "--plot", str(tmp_path / "report" / "acc.png")],
                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr
@@ -129,8 +129,8 @@ def test_presets_and_the_slurm_launcher_compose():
     """Every sweep preset composes with its values; the Slurm launcher config resolves to submitit's."""
     from hydra import compose, initialize_config_dir
 
-    from adapters.config import conf_dir, group_options, register_schema
-    from adapters.sweep import count_jobs
+    from fewclip.config import conf_dir, group_options, register_schema
+    from fewclip.sweep import count_jobs
 
     register_schema()
     expected = {"smoke": 8, "main_table": 11 * 7 * 5 * 3, "base2novel": 11 * 5 * 3}

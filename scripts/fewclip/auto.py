@@ -43,7 +43,7 @@ def make_adapter(name: str, overrides: Mapping[str, Any] | None = None) -> Adapt
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from adapters.config import conf_dir, group_options
+    from fewclip.config import conf_dir, group_options
 
     path = conf_dir() / "adapter" / f"{name}.yaml"
     if name == "auto" or not path.is_file():

@@ -66,7 +66,7 @@ def restore_adapter(adapter: Adapter, run_dir: str | os.PathLike) -> Adapter:
     return adapter.eval()
 
 
-def _choice(cfg: DictConfig, group: str) -> str:
+def group_choice(cfg: DictConfig, group: str) -> str:
     """The config-group option a job used (``tip`` for ``adapter=tip``): the file is the name."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -121,11 +121,11 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def load_dataset_option(cfg: DictConfig, name: str) -> Any:
     """Instantiate ``conf/dataset/<name>.yaml`` outside the defaults list (evaluation targets)."""
-    from adapters.config import conf_dir
+    from fewclip.config import conf_dir
 
     path = conf_dir() / "dataset" / f"{name}.yaml"
     if not path.is_file():
-        from adapters.config import group_options
+        from fewclip.config import group_options
 
         raise FileNotFoundError(f"unknown target dataset '{name}'; available: {group_options('dataset')}")
     node = OmegaConf.load(path)
@@ -237,7 +237,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     if cfg.get("resume", True) and (done := finished_result(out, cfg)) is not None:
         log.info("skipping %s: result.json of the same config exists (resume=false runs it again)", out)
         return {**done, "resumed": True}
-    names = {g: _choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
+    names = {g: group_choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
     timings: dict[str, float] = {}
 
     t = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +55,37 @@ def register_schema() -> None:
 
 
 def conf_dir() -> Path:
-    """The ``conf/`` folder: ``$FEWCLIP_CONF`` or the one beside the installed sources (editable install)."""
+    """The config folder: ``$FEWCLIP_CONF`` when set, else the one installed with fewclip (package ``fewclip.conf``:
+    the repository's ``conf/`` in an editable install, ``site-packages/fewclip/conf`` from a wheel)."""
     env = os.environ.get("FEWCLIP_CONF")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+    if env:
+        path = Path(env)
+        hint = "FEWCLIP_CONF points at it; point it at a folder holding config.yaml, or unset it."
+    else:
+        path = Path(str(resources.files("fewclip.conf")))
+        hint = "The fewclip installation is incomplete: reinstall it (pip install fewclip, or pip install -e .)."
     if not (path / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"fewclip's config folder was not found at {path}. Install from a checkout with "
-            "'pip install -e .', or point FEWCLIP_CONF at the repository's conf/ folder."
-        )
+        raise FileNotFoundError(f"fewclip's config folder was not found at {path}. {hint}")
     return path
 
 
 def group_options(group: str) -> list[str]:
     """Names in a config group: the YAML file stems (the file is the name)."""
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def compose(overrides: list[str]) -> Any:
+    """Compose the run config outside ``@hydra.main`` (``fewclip fit``, ``demo``, tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    # Expose the group choices (adapter=tip -> "tip") the way @hydra.main does.
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

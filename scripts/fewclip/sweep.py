@@ -3,7 +3,7 @@
 ``fewclip run -m`` runs one job per combination of the sweep's values (``conf/sweep/*.yaml`` presets and the
 command line, the command line winning per key). Every job writes into a directory named after its settings
 (``outputs/sweeps/<sweep_name>/<dataset>/<adapter>/<backbone>-k<K>-s<seed>[/<other overrides>]``), so running
-the same sweep again finds the finished jobs and skips them (``adapters.runner.finished_result``). A job that
+the same sweep again finds the finished jobs and skips them (``fewclip.runner.finished_result``). A job that
 fails writes ``error.json`` (message, traceback, log path) instead of ``result.json``, and the sweep goes on;
 ``SweepSummary`` lists the failures when every job has returned.
 """

@@ -27,25 +27,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from fewclip.console import fmt_hparams, quiet_logging, user_error
 
 log = logging.getLogger("fewclip")
 
 USAGE = __doc__ or ""
-
-
-def user_error(e: BaseException) -> BaseException | None:
-    """The bad-input error behind ``e`` (Hydra wraps errors raised while instantiating), or None."""
-    from caches.backbone import UnsupportedBackboneError, WeightsUnavailableError
-    from caches.data.records import DatasetError
-    from caches.store import StoreError
-
-    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError)
-    while e is not None:
-        if isinstance(e, kinds):
-            return e
-        e = e.__cause__
-    return None
 
 
 def _run_hydra(overrides: list[str]) -> int:
@@ -54,9 +41,9 @@ def _run_hydra(overrides: list[str]) -> int:
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    from adapters import sweep
-    from adapters.config import conf_dir, register_schema
-    from adapters.runner import run
+    from fewclip import sweep
+    from fewclip.config import conf_dir, register_schema
+    from fewclip.runner import run
 
     register_schema()
     sweep.last_summary = None
@@ -87,7 +74,7 @@ def _run_hydra(overrides: list[str]) -> int:
             return
         sweep.clear_failure(out)
         line = (f"{label}: val {res['val_acc']:.2f}%  test {res['test_acc']:.2f}%  "
-                f"hparams {_fmt_hparams(res['hparams'])}")
+                f"hparams {fmt_hparams(res['hparams'])}")
         if multirun:
             status = "already done, skipped" if res.get("resumed") else f"{time.perf_counter() - t:.1f} s"
             sweep.job_progress(hc.job.num, f"{line}  ({status})")
@@ -101,45 +88,13 @@ def _run_hydra(overrides: list[str]) -> int:
     return 0
 
 
-def _quiet_logging() -> None:
-    """fewclip's own INFO lines; third-party libraries (open_clip logs to the root logger) at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("fewclip", "adapters", "caches"):
-        logging.getLogger(name).setLevel(logging.INFO)
-
-
-def _fmt_hparams(hp: dict[str, Any]) -> str:
-    if not hp:
-        return "-"
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
-
-
-def compose(overrides: list[str]) -> Any:
-    """Compose the run config outside ``@hydra.main`` (demo, tests, notebooks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from adapters.config import conf_dir, register_schema
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-    # Expose the group choices (adapter=tip -> "tip") the way @hydra.main does.
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 def _demo_datasets(choice: str | None) -> list[str]:
     """digits always; Fashion-MNIST too when its files are installed (Debian's dataset-fashion-mnist)."""
     if choice:
         return choice.split(",")
     from omegaconf import OmegaConf
 
-    from adapters.config import conf_dir
+    from fewclip.config import conf_dir
 
     names = ["digits"]
     fashion_root = Path(OmegaConf.load(conf_dir() / "dataset" / "fashion_mnist.yaml").root)
@@ -152,8 +107,8 @@ def demo(argv: list[str]) -> int:
     """Every adapter on digits (and Fashion-MNIST when installed) with the tiny backbone, then tables."""
     import pandas as pd
 
-    from adapters.config import group_options
-    from adapters.runner import run
+    from fewclip.config import compose, group_options
+    from fewclip.runner import run
 
     p = argparse.ArgumentParser(prog="fewclip demo", description=demo.__doc__)
     p.add_argument("--out", default="outputs/demo", help="where each job's result.json goes")
@@ -162,7 +117,7 @@ def demo(argv: list[str]) -> int:
                    help="comma-separated datasets (default: digits, plus fashion_mnist when installed)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. shots=4 backbone=rn50")
     args = p.parse_args(argv)
-    _quiet_logging()
+    quiet_logging()
     adapters = args.adapters.split(",") if args.adapters else group_options("adapter")
     lines: list[str] = []
     weights = ""
@@ -178,7 +133,7 @@ def demo(argv: list[str]) -> int:
                 log.error("%s", err)
                 return 2
             rows.append({"adapter": name, "val acc": res["val_acc"], "test acc": res["test_acc"],
-                         "hparams": _fmt_hparams(res["hparams"]),
+                         "hparams": fmt_hparams(res["hparams"]),
                          "fit+search s": res["timings_s"]["fit"] + res["timings_s"]["search"],
                          "total s": res["timings_s"]["total"]})
         weights = res["protocol"]["backbone_weights"]
@@ -209,12 +164,13 @@ def data_check(argv: list[str]) -> int:
     from hydra.utils import instantiate
 
     from caches.data.check import check_dataset, format_report
+    from fewclip.config import compose
 
     p = argparse.ArgumentParser(prog="fewclip data check", description=data_check.__doc__)
     p.add_argument("--no-open", action="store_true", help="do not open every image (faster)")
     p.add_argument("overrides", nargs="*", help="dataset=NAME and other overrides (dataset.root=...)")
     args = p.parse_args(argv)
-    _quiet_logging()
+    quiet_logging()
     cfg = compose(args.overrides)
     try:
         dataset = instantiate(cfg.dataset)
@@ -239,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "demo":
         return demo(rest)
     if cmd in ("fit", "predict", "add-class"):
-        from adapters import artifact
+        from fewclip import artifact
 
         entry = {"fit": artifact.fit_main, "predict": artifact.predict_main, "add-class": artifact.add_class_main}
         return entry[cmd](rest)
     if cmd == "report":
-        from adapters.report import main as report_main
+        from fewclip.report.cli import main as report_main
 
         return report_main(rest)
     if cmd == "data" and rest[:1] == ["check"]:

@@ -1,0 +1,5 @@
+"""``python -m fewclip ...``: the ``fewclip`` command."""
+
+from fewclip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""What every ``fewclip`` command shares: its logging setup, which errors are the user's, one-line figures.
+
+A command catches an exception, asks :func:`user_error` whether bad input is behind it (a missing dataset or
+weights file, a damaged store) and then prints that one line and exits 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+
+def user_error(e: BaseException) -> BaseException | None:
+    """The bad-input error behind ``e`` (Hydra wraps errors raised while instantiating), or None."""
+    from caches.backbone import UnsupportedBackboneError, WeightsUnavailableError
+    from caches.data.records import DatasetError
+    from caches.store import StoreError
+
+    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError)
+    while e is not None:
+        if isinstance(e, kinds):
+            return e
+        e = e.__cause__
+    return None
+
+
+def quiet_logging() -> None:
+    """fewclip's own INFO lines; third-party libraries (open_clip logs to the root logger) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("fewclip", "adapters", "caches"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def fmt_hparams(hp: dict[str, Any]) -> str:
+    """``alpha=1.17, beta=5.5`` for a run's chosen hyperparameters; ``-`` when there are none."""
+    if not hp:
+        return "-"
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
