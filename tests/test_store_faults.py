@@ -311,8 +311,8 @@ def test_a_store_that_fails_verification_in_a_read_only_cache_says_so(tmp_path, 
 def test_a_warm_run_works_in_a_read_only_cache(tmp_path):
     """Every store warm: the run reads the cache and writes only its own output (the few-shot id file, which
     is already there with the same content, is left alone)."""
-    from adapters.cli import compose
-    from adapters.runner import run
+    from fewclip.config import compose
+    from fewclip.runner import run
 
     def cfg():
         return compose([f"cache_dir={tmp_path / 'cache'}", "progress=false", "device=cpu", "adapter=tip",
