@@ -171,6 +171,64 @@ def test_a_backbone_with_other_weights_is_refused(work, tip_art, tmp_path, capsy
     assert len(err) == 1 and "weights_id" in err[0] and "file-sha256:" in err[0] and "model:" not in err[0]
 
 
+def _edited_copy(work: Path, tmp_path: Path, edit, redigest: bool, version: int | None = None) -> Path:
+    """A copy of the tip artifact whose artifact.json went through ``edit`` (digest recomputed or not)."""
+    import shutil
+
+    from fewclip.artifact.format import info_digest
+
+    copy = tmp_path / "edited"
+    shutil.copytree(work / "tip", copy)
+    info = json.loads((copy / "artifact.json").read_text())
+    edit(info)
+    if version is not None:  # as a format-1 artifact (written before artifact.json carried a digest)
+        info["format_version"] = version
+        info.pop("digest")
+    elif redigest:
+        info["digest"] = info_digest(info)
+    (copy / "artifact.json").write_text(json.dumps(info, indent=2))
+    return copy
+
+
+def _swap_first_two_classes(info):
+    info["classnames"][0], info["classnames"][1] = info["classnames"][1], info["classnames"][0]
+
+
+@pytest.mark.parametrize("redigest,version,message", [
+    (False, None, "artifact.json was edited or is corrupt"),
+    (True, None, "classnames does not match the text store .at position 0: 'green tree' here, 'blue jay' there"),
+    (False, 1, "classnames does not match the text store"),
+])
+def test_swapped_class_names_in_artifact_json_are_refused(work, tip_art, tmp_path, capsys, redigest, version,
+                                                          message):
+    """Swapping two class names would relabel every prediction: refused on load, and by the CLI (exit 2)."""
+    copy = _edited_copy(work, tmp_path, _swap_first_two_classes, redigest, version)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(copy, device="cpu")
+    assert predict_main([str(copy), str(work / "imgs" / "red_fox"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize("field,edit", [
+    ("adapter.hparams", lambda i: i["adapter"]["hparams"].update(alpha=i["adapter"]["hparams"]["alpha"] + 1)),
+    ("templates", lambda i: i["templates"].append("a drawing of a {}.")),
+    ("backbone", lambda i: i["backbone"].update(dim=i["backbone"]["dim"] * 2)),
+    ("shots", lambda i: i.update(shots=i["shots"] + 1)),
+    ("fit.test_acc", lambda i: i["fit"].update(test_acc=i["fit"]["test_acc"] + 1.0)),
+    ("stores.support.n", lambda i: i["stores"]["support"].update(n=i["stores"]["support"]["n"] - 1)),
+])
+def test_fields_repeating_a_verified_file_are_cross_checked(work, tip_art, tmp_path, field, edit):
+    copy = _edited_copy(work, tmp_path, edit, redigest=True)
+    with pytest.raises(ArtifactError, match=f"{field} does not match"):
+        load_artifact(copy, device="cpu")
+
+
+def test_an_unedited_format_1_artifact_still_loads(work, tip_art, tmp_path):
+    copy = _edited_copy(work, tmp_path, lambda info: None, redigest=False, version=1)
+    assert load_artifact(copy, device="cpu").classnames == tip_art.classnames
+
+
 def test_add_class_to_tip_appends_keys_from_the_support_recipe_and_the_formula_holds(work, tiny):
     art = _fit(work, "tip_two", "tip", dataset="two", **TIP_FIXED)
     assert art.classnames == ["blue jay", "red fox"]

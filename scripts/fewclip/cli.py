@@ -17,6 +17,8 @@
     fewclip data check dataset=NAME [--no-open] [OVERRIDES...]
                                       validate a local copy of a dataset (files, split file, counts,
                                       unreadable images); exit code 1 when something is wrong
+    fewclip cache verify [DIR]        sha256 of every file of every store under DIR (default: the cache
+                                      directory); exit code 1 and the figures when something mismatches
 """
 
 from __future__ import annotations
@@ -61,9 +63,12 @@ def _run_hydra(overrides: list[str]) -> int:
             err = user_error(e)
             log_file = out / f"{hc.job.name}.log"
             # The whole traceback goes to the job's log file and error.json; the console gets one line.
-            path = sweep.record_failure(out, e, log_file)
-            with open(log_file, "a") as f:
-                f.write(json.loads(path.read_text())["traceback"])
+            try:
+                path = sweep.record_failure(out, e, log_file)
+                with open(log_file, "a") as f:
+                    f.write(json.loads(path.read_text())["traceback"])
+            except OSError as record_error:  # the output folder cannot be written either (disk full, read-only)
+                log.warning("could not record the failure in %s (%s)", out, record_error)
             if not multirun:
                 if err is None:
                     raise
@@ -205,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(rest)
     if cmd == "data" and rest[:1] == ["check"]:
         return data_check(rest[1:])
+    if cmd == "cache":
+        from fewclip.cache import main as cache_main
+
+        return cache_main(rest)
     sys.stderr.write(f"fewclip: unknown command '{cmd}'\n{USAGE}")
     return 2
 

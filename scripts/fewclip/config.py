@@ -41,6 +41,7 @@ class RunConfig:
     views: int = 10
     batch_size: int = 64
     num_workers: int | None = None
+    threads: int | None = None  # torch / BLAS / faiss threads per job; None: the launcher's cores per job
     device: str = "auto"
     progress: bool = True
     resume: bool = True  # skip the job when its output directory holds a result.json of the same config

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from caches.store import WRITE_ERRNOS
+
 
 def user_error(e: BaseException) -> BaseException | None:
     """The bad-input error behind ``e`` (Hydra wraps errors raised while instantiating), or None."""
@@ -21,8 +23,20 @@ def user_error(e: BaseException) -> BaseException | None:
     while e is not None:
         if isinstance(e, kinds):
             return e
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return write_failure(e)
         e = e.__cause__
     return None
+
+
+def write_failure(e: OSError) -> RuntimeError:
+    """'Disk full' / 'read-only' / 'permission denied' outside the cache (outputs, artifacts) as one line."""
+    import errno as errno_module
+    import os
+
+    where = e.filename if e.filename is not None else "a file"
+    return RuntimeError(f"cannot write {where}: {os.strerror(e.errno or 0)} "
+                        f"({errno_module.errorcode.get(e.errno or 0, '?')}); free some space or write elsewhere")
 
 
 def quiet_logging() -> None:

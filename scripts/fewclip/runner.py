@@ -30,6 +30,7 @@ from caches.data.fewshot import persist_fewshot, sample_fewshot, select
 from caches.data.pixels import PixelData
 from caches.data.records import DatasetError
 from caches.store import KVStore
+from fewclip.threads import configure_job_threads
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def evaluate_target(cfg: DictConfig, name: str, source: Any, adapter: Adapter, b
 
 
 # Settings that change how a job runs, not what it computes: a finished job is not re-run when only these differ.
-RESUME_IGNORES = ("progress", "num_workers", "resume")
+RESUME_IGNORES = ("progress", "num_workers", "resume", "threads")
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +238,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     if cfg.get("resume", True) and (done := finished_result(out, cfg)) is not None:
         log.info("skipping %s: result.json of the same config exists (resume=false runs it again)", out)
         return {**done, "resumed": True}
+    threads = configure_job_threads(cfg.get("threads"))
     names = {g: group_choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
     timings: dict[str, float] = {}
 
@@ -323,6 +325,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
                            "encoded_images": builder.encoded_images},
         "fewshot_ids": str(fewshot_path),
         "timings_s": timings,
+        "threads": threads,
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

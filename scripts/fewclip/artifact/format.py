@@ -1,6 +1,6 @@
 """The artifact directory on disk: writing it from a finished run, reading and verifying it.
 
-Artifact layout (``format_version`` 1); JSON, YAML, CSV, safetensors, faiss and ``.npy`` files only, no pickles::
+Artifact layout (``format_version`` 2); JSON, YAML, CSV, safetensors, faiss and ``.npy`` files only, no pickles::
 
     ARTIFACT/
       artifact.json          what the artifact is (fields below); written last, so a directory without it is
@@ -32,7 +32,16 @@ Artifact layout (``format_version`` 1); JSON, YAML, CSV, safetensors, faiss and 
 * ``added_classes``: classes added later by ``add-class`` (name, how, images used, unreadable ones); the ``fit``
   figures describe the fitted classes only;
 * ``versions``; ``files``: sha256 of ``config.yaml``, ``result.json`` and ``adapter.safetensors`` (the stores carry
-  their own checksums in their manifests); all are verified on load.
+  their own checksums in their manifests);
+* ``digest``: sha256 of the canonical JSON (sorted keys, no spaces) of every other field.
+
+Everything is verified on load (``read_info``, ``load_stores``): the digest (any edit of ``artifact.json`` is
+refused), the loose files' checksums, the stores (``caches/FORMAT.md``) against the fingerprints recorded here, and
+the fields that repeat what a verified file says must agree with it: ``classnames`` and ``templates`` with the text
+store's spec, ``backbone``, ``seed``, ``shots``, ``views`` and ``augmentation`` with the support store's spec, the
+stores' row counts, ``adapter.hparams`` / ``config`` / ``state`` and the ``fit`` figures with ``result.json``. So a
+hand-edited artifact (two class names swapped: predictions relabelled) is refused even with its digest
+recomputed. Format 1 artifacts (no digest) are read with the same cross-checks.
 
 Everything here is about the directory itself (its files, checksums and stores, and which classes it may name);
 loading the classifier is predict.py's, adding a class add_class.py's.
@@ -40,6 +49,7 @@ loading the classifier is predict.py's, adding a class add_class.py's.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -60,7 +70,8 @@ from fewclip.runner import RESULT_FILE, STATE_FILE, versions
 log = logging.getLogger(__name__)
 
 FORMAT = "fewclip-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: written before artifact.json carried its digest
 ARTIFACT_FILE = "artifact.json"
 CONFIG_FILE = "config.yaml"
 TEXT_DIR = "text"
@@ -121,10 +132,18 @@ def install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def info_digest(info: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``artifact.json`` without its ``digest`` field."""
+    body = {k: v for k, v in info.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_info(tmp: Path, info: dict[str, Any]) -> None:
-    """Checksums of the loose files, then ``artifact.json`` last."""
+    """Checksums of the loose files, the digest, then ``artifact.json`` last."""
     names = [n for n in (CONFIG_FILE, RESULT_FILE, STATE_FILE) if (tmp / n).is_file()]
     info["files"] = {n: sha256_file(tmp / n) for n in names}
+    info["format_version"] = FORMAT_VERSION
+    info["digest"] = info_digest(info)
     (tmp / ARTIFACT_FILE).write_text(json.dumps(info, indent=2))
 
 
@@ -268,9 +287,13 @@ def read_info(path: Path) -> dict[str, Any]:
         info = json.loads(info_file.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{info_file} is not valid JSON ({e})") from e
-    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format {info.get('format')} v{info.get('format_version')}, expected {FORMAT} "
-                            f"v{FORMAT_VERSION}")
+    if not isinstance(info, dict) or info.get("format") != FORMAT \
+            or info.get("format_version") not in READABLE_VERSIONS:
+        found = f"{info.get('format')} v{info.get('format_version')}" if isinstance(info, dict) else "not an object"
+        raise ArtifactError(f"{path}: format {found}, expected {FORMAT} v{FORMAT_VERSION}")
+    if info["format_version"] >= 2 and info.get("digest") != info_digest(info):
+        raise ArtifactError(f"{info_file} was edited or is corrupt (its digest does not match its content); "
+                            "fit the artifact again (fewclip fit)")
     for name, digest in info.get("files", {}).items():
         f = path / name
         if not f.is_file() or sha256_file(f) != digest:
@@ -279,12 +302,60 @@ def read_info(path: Path) -> dict[str, Any]:
 
 
 def load_stores(path: Path, info: dict[str, Any]) -> tuple[KVStore, KVStore]:
-    """The text and support stores, verified against the fingerprints ``artifact.json`` records."""
+    """The text and support stores, verified against the fingerprints ``artifact.json`` records, and
+    ``artifact.json`` checked against them and ``result.json`` (``check_info``)."""
     try:
-        return tuple(KVStore.load(path / info["stores"][k]["dir"], info["stores"][k]["fingerprint"])  # type: ignore
-                     for k in (TEXT_DIR, SUPPORT_DIR))
-    except StoreError as e:
+        text, support = (KVStore.load(path / info["stores"][k]["dir"], info["stores"][k]["fingerprint"])
+                         for k in (TEXT_DIR, SUPPORT_DIR))
+    except (StoreError, KeyError, TypeError) as e:
         raise ArtifactError(f"{path}: damaged store ({e})") from e
+    check_info(path, info, text, support)
+    return text, support
+
+
+def _first_difference(a: Any, b: Any) -> str:
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        return f"at position {i}: {a[i]!r} here, {b[i]!r} there"
+    return f"{a!r} here, {b!r} there"
+
+
+def check_info(path: Path, info: dict[str, Any], text: KVStore, support: KVStore) -> None:
+    """Every ``artifact.json`` field that repeats what a verified file says must agree with it.
+
+    Raises:
+        ArtifactError: naming the field, the file it disagrees with, and the first difference.
+    """
+    try:
+        result = json.loads((path / RESULT_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: {RESULT_FILE} is missing or unreadable ({e})") from e
+    tspec, sspec = text.manifest["spec"], support.manifest["spec"]
+    fit = info.get("fit") or {}
+    adapter = info.get("adapter") or {}
+    backbone = {k: v for k, v in (info.get("backbone") or {}).items() if k != "config"}
+    checks = [
+        ("classnames", info.get("classnames"), tspec.get("classnames"), "the text store"),
+        ("templates", info.get("templates"), tspec.get("templates"), "the text store"),
+        ("backbone", backbone, sspec.get("backbone"), "the support store"),
+        ("seed", info.get("seed"), sspec.get("seed"), "the support store"),
+        ("shots", info.get("shots"), sspec.get("shots"), "the support store"),
+        ("views", info.get("views"), sspec.get("views"), "the support store"),
+        ("augmentation", info.get("augmentation"), sspec.get("augmentation"), "the support store"),
+        ("stores.text.n", (info.get("stores") or {}).get(TEXT_DIR, {}).get("n"), len(text), "the text store"),
+        ("stores.support.n", (info.get("stores") or {}).get(SUPPORT_DIR, {}).get("n"), len(support),
+         "the support store"),
+        ("adapter.hparams", adapter.get("hparams"), result.get("hparams"), RESULT_FILE),
+        ("adapter.config", adapter.get("config"), (result.get("config") or {}).get("adapter"), RESULT_FILE),
+        ("adapter.state", adapter.get("state"), result.get("adapter_state"), RESULT_FILE),
+        *((f"fit.{k}", fit.get(k), result.get(k), RESULT_FILE)
+          for k in ("dataset", "val_acc", "test_acc", "n_classes", "n_support", "n_val", "n_test")),
+    ]
+    for name, here, there, where in checks:
+        if here != there:
+            raise ArtifactError(f"{path}: {ARTIFACT_FILE}'s {name} does not match {where} "
+                                f"({_first_difference(here, there)}); the artifact was edited or is corrupt: "
+                                "fit it again (fewclip fit)")
 
 
 def adapter_context(classnames: list[str], text: torch.Tensor, support: SupportSet, backbone: FrozenClip,

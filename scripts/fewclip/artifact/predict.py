@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from adapters.base import Adapter
 from caches.backbone import FrozenClip
 from caches.store import KVStore
+from caches.workers import loader_options
 from fewclip.artifact.add_class import add_class_to
 from fewclip.artifact.format import (
     BACKBONE_TARGETS,
@@ -111,9 +112,10 @@ class Artifact:
         n, size = len(items), self.backbone.image_spec.size
         probs = torch.full((n, len(self.classnames)), float("nan"))
         errors: list[str | None] = [None] * n
+        workers = self._workers(num_workers, items)
         loader = DataLoader(ImageFiles(items, self.transform, size), batch_size=batch_size, shuffle=False,
-                            num_workers=self._workers(num_workers, items),
-                            pin_memory=self.backbone.device.type == "cuda")
+                            num_workers=workers, pin_memory=self.backbone.device.type == "cuda",
+                            **loader_options(workers))
         start = 0
         with tqdm(total=n, desc="predict", unit="img", disable=not progress) as bar:
             for pixels, errs in loader:
