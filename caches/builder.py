@@ -39,6 +39,7 @@ from caches.data.augment import AugmentSpec, augmented_view, eval_transform, vie
 from caches.data.pixels import PixelSplit
 from caches.data.records import ImageDataset, Sample, sample_stamp
 from caches.locks import file_lock
+from caches.search import DEFAULT_INDEX, check_factory, is_flat
 from caches.store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -54,7 +55,6 @@ from caches.store import (
     ids_digest,
     read_manifest,
 )
-from caches.search import DEFAULT_INDEX, check_factory, is_flat
 from caches.workers import loader_options
 
 log = logging.getLogger(__name__)
@@ -406,6 +406,12 @@ class CacheBuilder:
                     {"skipped": skipped, "skipped_at": skipped_at})
 
         return self._get_or_build(path, spec, build)
+
+    def derived(self, dataset: ImageDataset, stem: str, spec: dict[str, Any],
+                build: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> KVStore:
+        """A store computed from other stores (e.g. a support set grown from a pool): loaded when its directory
+        holds a valid one for ``spec``, else ``build()`` -> (``KVStore.write`` arguments, extra manifest fields)."""
+        return self._get_or_build(self.store_path(dataset, stem, spec), spec, build)
 
     def text(self, dataset: ImageDataset) -> KVStore:
         """The zero-shot text head ``[C, D]`` (template ensemble), values = class index."""

@@ -86,7 +86,9 @@ def _run_hydra(overrides: list[str]) -> int:
         else:
             sys.stdout.write(line + "\n")
 
-    sys.argv = ["fewclip run", *overrides]
+    from fewclip.config import expand_shorthands
+
+    sys.argv = ["fewclip run", *expand_shorthands(overrides)]
     job()
     if sweep.last_summary is not None and sweep.last_summary["failed"]:
         return 1

@@ -17,9 +17,11 @@ def user_error(e: BaseException) -> BaseException | None:
     """The bad-input error behind ``e`` (Hydra wraps errors raised while instantiating), or None."""
     from caches.backbone import UnsupportedBackboneError, WeightsUnavailableError
     from caches.data.records import DatasetError
+    from caches.search import IndexSpecError
     from caches.store import StoreError
 
-    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError)
+    kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError,
+             IndexSpecError)
     while e is not None:
         if isinstance(e, kinds):
             return e

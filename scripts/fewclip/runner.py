@@ -260,29 +260,47 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     stores = {
         "text": builder.text(dataset),
         "support": builder.support(dataset, select(dataset, "train", fewshot.train), cfg.shots, cfg.seed,
-                                   views=cfg.views, aug=aug),
+                                   views=cfg.views, aug=aug, index=cfg.cache.index),
         "val": builder.features(dataset, "val", select(dataset, "val", fewshot.val)),
     }
     support = SupportSet(keys=stores["support"].keys(), labels=stores["support"].labels(),
-                         views=stores["support"].view_features())
+                         views=stores["support"].view_features(),
+                         index=stores["support"].searcher(cfg.cache.search_params))
     val = _features(stores["val"])
+
+    def make_ctx(support_set: SupportSet) -> AdapterContext:
+        return AdapterContext(classnames=list(dataset.classnames), text_head=stores["text"].keys(),
+                              support=support_set, logit_scale=backbone.logit_scale, backbone=backbone,
+                              device=backbone.device, seed=cfg.seed, progress=cfg.progress)
 
     adapter: Adapter = instantiate(cfg.adapter)
     pixel_mode = adapter.input_kind == "pixels"
-    ctx = AdapterContext(classnames=list(dataset.classnames), text_head=stores["text"].keys(), support=support,
-                         logit_scale=backbone.logit_scale, backbone=backbone, device=backbone.device,
-                         seed=cfg.seed, progress=cfg.progress)
-    if pixel_mode:
-        ctx.pixels = PixelData(train=builder.pixel_split(dataset, select(dataset, "train", fewshot.train)),
-                               val=builder.pixel_split(dataset, select(dataset, "val", fewshot.val)), aug=aug)
-        val = ctx.pixels.val
-    adapter.setup(ctx)
-    t = time.perf_counter()
-    fit_record = adapter.fit(support, val)
-    timings["fit"] = time.perf_counter() - t
-    t = time.perf_counter()
-    selection = adapter.tune(val)
-    timings["search"] = time.perf_counter() - t
+    pool_record = None
+    if cfg.pool.path:
+        from fewclip.pool import fit_with_pool
+
+        if pixel_mode:
+            raise DatasetError("pool= grows the cached support features; pixel-mode adapters train on pixels and "
+                               "cannot use it")
+        t = time.perf_counter()
+        adapter, support, fit_record, selection, pool_record = fit_with_pool(
+            cfg, builder, dataset, stores, support, val, make_ctx, lambda: instantiate(cfg.adapter))
+        ctx = adapter.ctx
+        timings["fit"] = time.perf_counter() - t  # every candidate's fit and search
+        timings["search"] = 0.0
+    else:
+        ctx = make_ctx(support)
+        if pixel_mode:
+            ctx.pixels = PixelData(train=builder.pixel_split(dataset, select(dataset, "train", fewshot.train)),
+                                   val=builder.pixel_split(dataset, select(dataset, "val", fewshot.val)), aug=aug)
+            val = ctx.pixels.val
+        adapter.setup(ctx)
+        t = time.perf_counter()
+        fit_record = adapter.fit(support, val)
+        timings["fit"] = time.perf_counter() - t
+        t = time.perf_counter()
+        selection = adapter.tune(val)
+        timings["search"] = time.perf_counter() - t
     val_acc = evaluate(adapter, val)
     state_file = save_adapter_state(adapter, out)
 
@@ -314,6 +332,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         "targets": targets,
         **({"novel": novel} if novel is not None else {}),
         "hparams": adapter.hparams(),
+        "lookup": adapter.lookup_record(),
+        **({"pool": pool_record} if pool_record is not None else {}),
         "adapter_state": state_file,
         "selection": {**selection, "fit": fit_record, "val_images_per_class": min(int(cfg.shots), 4)},
         "protocol": {"templates": dataset.templates, "split_source": dataset.source.get("split_source"),
