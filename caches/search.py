@@ -239,7 +239,7 @@ class KeyIndex:
                 space.set_index_parameters(index, settings)
             except RuntimeError as e:
                 raise IndexSpecError(f"cache.search_params={settings!r} does not apply to {self.factory} "
-                                     f"({str(e).strip().splitlines()[-1]})") from None
+                                     f"({str(e).strip().splitlines()[-1].rsplit(':', 1)[-1].strip()})") from None
         q = queries.detach().float().cpu().numpy()
         scores = np.empty((q.shape[0], k), dtype=np.float32)
         rows = np.empty((q.shape[0], k), dtype=np.int64)

@@ -29,6 +29,7 @@ from caches.data.augment import AugmentSpec
 from caches.data.fewshot import persist_fewshot, sample_fewshot, select
 from caches.data.pixels import PixelData
 from caches.data.records import DatasetError
+from caches.search import check_single_faiss
 from caches.store import KVStore
 from fewclip.threads import configure_job_threads
 
@@ -92,8 +93,11 @@ def versions() -> dict[str, str]:
         fewclip = version("fewclip")
     except PackageNotFoundError:
         fewclip = "source"
+    from caches.search import faiss_distributions
+
     return {"fewclip": fewclip, "python": platform.python_version(), "torch": torch.__version__,
             "open_clip": open_clip.__version__, "faiss": getattr(faiss, "__version__", "?"),
+            "faiss_package": ",".join(faiss_distributions()) or "?",
             "sklearn": sklearn.__version__, "hydra": hydra.__version__}
 
 
@@ -239,6 +243,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         log.info("skipping %s: result.json of the same config exists (resume=false runs it again)", out)
         return {**done, "resumed": True}
     threads = configure_job_threads(cfg.get("threads"))
+    check_single_faiss()
     names = {g: group_choice(cfg, g) for g in ("backbone", "dataset", "adapter")}
     timings: dict[str, float] = {}
 
