@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -316,3 +317,63 @@ def test_faiss_imports_from_exactly_one_distribution_and_no_extra_adds_another()
     for extra, reqs in project["optional-dependencies"].items():
         assert not faiss_reqs(reqs), f"extra [{extra}] would install a second faiss beside the required one"
 
+
+
+# ------------------------------------------------------------------------------------------ through the runner
+def _run(tmp_path: Path, *extra: str) -> dict:
+    from fewclip.config import compose
+    from fewclip.runner import run
+
+    cfg = compose([f"cache_dir={tmp_path / 'cache'}", "progress=false", "device=cpu", "dataset=folder",
+                   f"dataset.root={tmp_path / 'imgs'}", "shots=3", "views=2", *extra])
+    return run(cfg, out_dir=tmp_path / f"out{len(list(tmp_path.glob('out*')))}")
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> Path:
+    from conftest import make_class_folder
+
+    make_class_folder(tmp_path / "imgs", {"red_fox": 8, "blue_jay": 8, "green_tree": 8})
+    make_class_folder(tmp_path / "pool", {"u": 0, "v": 0, "w": 0, "x": 6, "y": 6, "z": 6}, seed=7)
+    return tmp_path
+
+
+def test_a_run_grows_its_cache_from_a_pool_chosen_on_val_and_records_the_provenance(folders):
+    res = _run(folders, "adapter=tip", "adapter.beta_steps=4", "adapter.alpha_steps=4", f"pool={folders / 'pool'}",
+               "pool.per_class=[0,2,4]", "pool.by=[text,image]", "pool.threshold=[0.0]")
+    pool = res["pool"]
+    # the plain cache once, then 2 sizes x 2 queries
+    assert [(c["per_class"], c.get("by")) for c in pool["candidates"]] == \
+        [(0, "text"), (2, "text"), (2, "image"), (4, "text"), (4, "image")]
+    accs = [c["val_acc"] for c in pool["candidates"]]
+    best = pool["candidates"][accs.index(max(accs))]  # the first best
+    assert pool["chosen"] == {k: best[k] for k in ("per_class", "by", "threshold")} and res["val_acc"] == max(accs)
+    assert pool["n_images"] == 18 and res["n_support"] == 9 + pool["added"] == 9 + sum(pool["added_per_class"])
+    store = KVStore.load(res["cache"]["support"]["path"])
+    if pool["added"]:
+        assert store.manifest["spec"]["kind"] == "support-grown" and len(store) == res["n_support"]
+        from_pool = [r for r in store.meta if r["source"] == "pool"]
+        assert len(from_pool) == pool["added"] and all(r["by"] == pool["chosen"]["by"] for r in from_pool)
+        assert {r["id"] for r in from_pool} <= {str(p.relative_to(folders / "pool")) for p in
+                                                 (folders / "pool").rglob("*.png")}
+    assert "pool" in res["cache"]
+
+
+def test_a_pool_that_is_the_dataset_itself_is_left_out(folders):
+    with pytest.raises(PoolError, match="holds no images"):
+        _run(folders, "adapter=zero_shot", f"pool={folders / 'imgs'}")
+
+
+def test_an_approximate_index_runs_through_fit_and_predict(folders):
+    from fewclip.artifact import fit, load_artifact
+
+    clf = fit(folders / "imgs", adapter="knn", shots=3, out=folders / "art", cache_dir=str(folders / "cache"),
+              views=2, progress=False, **{"cache.index": "HNSW8", "adapter.dense_max_keys": 4})
+    result = json.loads((folders / "art" / "result.json").read_text())
+    assert result["lookup"]["mode"] == "topk" and result["lookup"]["index"] == "HNSW8"
+    assert result["cache"]["support"]["path"] and clf.support_store.index_factory == "HNSW8"
+    again = load_artifact(folders / "art", device="cpu")
+    assert again.adapter.lookup_record()["class"] == "IndexHNSWFlat"
+    images = sorted(str(p) for p in (folders / "imgs").rglob("*.png"))[:5]
+    probs = again.predict(images)
+    assert probs.shape == (5, 3) and torch.allclose(probs.sum(1), torch.ones(5))
