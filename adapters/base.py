@@ -66,6 +66,9 @@ class AdapterContext:
     """The frozen side handed to ``Adapter.setup``.
 
     ``text_head [C, D]``: L2-normalised zero-shot weights in the order of ``classnames``.
+    ``text_norms [C]``: the norm of each class's raw (unnormalised) mean text embedding, so that
+    ``text_head * text_norms[:, None]`` is the text encoder's raw output for single-template heads: methods whose
+    reference code works on raw embeddings (TaskRes, CLAP) need it; None when unknown.
     ``backbone``: the ``FrozenClip`` (needed by prompt learners and pixel adapters only).
     """
 
@@ -78,6 +81,18 @@ class AdapterContext:
     seed: int = 1
     progress: bool = True
     pixels: Any = None  # caches.data.pixels.PixelData, for input_kind == "pixels" adapters only
+    text_norms: torch.Tensor | None = None
+
+    def raw_text_norms(self, method: str) -> torch.Tensor:
+        """``text_norms [C]``, or ones with a warning when the context has none (unit-norm head)."""
+        if self.text_norms is not None:
+            return self.text_norms.float()
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: the raw text norms are unknown, so the text head is used at unit norm; the reference's step sizes "
+            "and penalty then differ by the squared raw norm", method)
+        return torch.ones(self.text_head.shape[0])
 
     @property
     def n_classes(self) -> int:

@@ -30,9 +30,12 @@ the support set; here each epoch takes one cached augmented view per support ima
 over all cached views. **No validation set**: ``fit`` never reads it and nothing is searched; the runner's val
 accuracy is reporting only.
 
-Scale: the reference's prototypes and anchors are CLIP's raw, unnormalised text embeddings; the text head adapters
-receive is unit-norm, so here they start at unit norm. The logits are scale-invariant, but for raw norm s the
-reference's steps are equivalent to lr / s^2 and its penalty to lambda s^2 on unit-norm prototypes.
+Scale: the reference's prototypes and anchors are CLIP's raw, unnormalised text embeddings (``_get_base_text_
+features``: the mean of the raw template embeddings), and so are they here: t_c = text_head_c * s_c with s_c the
+raw norm the text store keeps (``AdapterContext.text_norms``; exact for a single template, CoOp's per-dataset
+prompt). The logits are scale-invariant, but the dynamics are not: for raw norm s an SGD step on raw prototypes
+equals a step of lr / s^2 on unit-norm ones, and the penalty lambda ||w - t||^2 equals lambda s^2 on unit-norm
+prototypes, so unit-norm anchors would change both.
 """
 
 from __future__ import annotations
@@ -70,12 +73,14 @@ class CLAP(TrainsOnFeatures, Adapter):
         self.constraint, self.adaptive = constraint, bool(adaptive)
         self.init_training(train_kwargs)
         self.prototypes: nn.Parameter | None = None
+        self.register_buffer("anchors", torch.empty(0), persistent=False)  # raw zero-shot prototypes t [C, D]
         self.register_buffer("multipliers", torch.empty(0), persistent=False)
         self.register_buffer("penalty_weight", torch.empty(0), persistent=False)  # rho of the outer updates
 
     def setup(self, ctx: AdapterContext) -> None:
         super().setup(ctx)
-        self.prototypes = nn.Parameter(self.text_head.clone())
+        self.anchors = self.text_head * ctx.raw_text_norms("CLAP").to(self.text_head.device)[:, None]
+        self.prototypes = nn.Parameter(self.anchors.clone())
         self.init_multipliers(ctx.support)
 
     @torch.no_grad()
@@ -90,8 +95,8 @@ class CLAP(TrainsOnFeatures, Adapter):
         self.penalty_weight = torch.zeros_like(self.multipliers)
 
     def distances(self) -> torch.Tensor:
-        """``||w_c - t_c||^2`` per class: ``[C]``."""
-        return (self.prototypes - self.text_head).pow(2).sum(dim=-1)
+        """``||w_c - t_c||^2`` per class, on the raw embeddings: ``[C]``."""
+        return (self.prototypes - self.anchors).pow(2).sum(dim=-1)
 
     def penalty(self) -> torch.Tensor:
         """The class-adaptive constraint term ``mean_c lambda_c ||w_c - t_c||^2`` (0 for ZS-LP)."""

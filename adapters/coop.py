@@ -6,8 +6,14 @@ M learnable context vectors replace the hand-written words of the prompt; the cl
 
 The text transformer runs on the spliced token embeddings through ``FrozenClip.encode_prompt_embeddings``
 (open_clip's own modules, nothing forked); gradients reach only the context. Defaults are CoOp's: M = 16,
-unified context, random init N(0, 0.02) (or from words such as "a photo of a"), SGD lr 0.002, cosine, one
-warmup epoch at lr 1e-5, batch 32, 50 epochs for 1-2 shots, 100 for 4-8, 200 for 16.
+unified context, random init N(0, 0.02) (or from words such as "a photo of a"), SGD lr 0.002 (momentum 0.9, weight
+decay 5e-4: Dassl's defaults), cosine, one warmup epoch at lr 1e-5, batch 32, and the epochs of ``COOP.md``: 50 for
+1 shot (``rn50_ep50``), 100 for 2 and 4 (``rn50_ep100``), 200 for 8 and 16 (``rn50``); ImageNet 50 for every shot
+count (``*_ep50``; ``protocol=reference`` applies that, ``conf/recipe/coop.yaml``).
+
+What differs by protocol: CoOp keeps the last epoch (Dassl's ``TEST.FINAL_MODEL = last_step``) and steps the cosine
+once per epoch; fewclip's ``fewshot`` protocol keeps the epoch with the best val accuracy and steps per batch
+(``select``, ``schedule_step``); ``protocol=reference`` follows CoOp.
 
 fewclip trains CoOp on the cached augmented views (feature mode), since the image encoder is frozen; with
 ``input_kind=pixels`` (adapter ``coop_pixels``) it re-encodes freshly augmented images every step, as the
@@ -26,7 +32,7 @@ from torch import nn
 from adapters.base import Adapter, AdapterContext
 from adapters.training import TrainsOnFeatures, train
 
-EPOCHS_BY_SHOTS = {1: 50, 2: 50, 4: 100, 8: 100, 16: 200}
+EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # KaiyangZhou/CoOp COOP.md
 
 
 class CoOp(TrainsOnFeatures, Adapter):

@@ -1,14 +1,23 @@
-"""Linear probe (Radford et al., 2021; CoOp's ``lpclip``): logistic regression on frozen image features.
+"""Linear probe (Radford et al., 2021): logistic regression on frozen image features.
 
-scikit-learn's L-BFGS logistic regression is fitted on the support features (every cached augmented view is a
-training sample) for each C in ``c_grid``; C is chosen on val (the CLIP paper searches C on a validation split
-too). The fitted weights become a ``[C, D]`` linear layer, so prediction is a matmul.
+scikit-learn's L-BFGS logistic regression is fitted on the support features and C is chosen on val. Two searches:
+
+- ``search: grid`` (fewclip's default): one fit per C in ``c_grid``, the first best on val wins; every cached
+  augmented view is a training sample.
+- ``search: lpclip``: CoOp's ``lpclip/linear_probe.py`` (KaiyangZhou/CoOp), the CLIP paper's appendix A.3 sweep:
+  C from {1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6} (the first best on val), then ``lpclip_steps`` = 8 rounds of a
+  binary search in log10(C) between 0.1 and 10 times the peak, each round fitting both ends and keeping the better
+  (the left one on ties); the model of the last round is the result. lpclip fits on un-augmented features (the
+  eval transform), which ``protocol=reference`` supplies (``conf/recipe/linear_probe.yaml``); it also draws its
+  shots with numpy over 10 runs and uses the backbone's raw (unnormalised) features, which fewclip does not.
+
+The fitted weights become a ``[C, D]`` linear layer, so prediction is a matmul.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,17 +29,61 @@ from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, acc
 log = logging.getLogger(__name__)
 
 
+LPCLIP_INIT = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)  # CoOp lpclip/linear_probe.py, search_list
+
+
+def lpclip_search(score: Callable[[float], float], steps: int = 8) -> tuple[float, list[tuple[float, float]]]:
+    """CoOp lpclip's search for C: the best of ``LPCLIP_INIT``, then ``steps`` binary-search rounds in log10(C).
+
+    Args:
+        score: ``C -> val accuracy`` (called once per distinct C).
+    Returns:
+        the C kept by the last round and the ``(C, accuracy)`` trace in evaluation order.
+    """
+    seen: dict[float, float] = {}
+    trace: list[tuple[float, float]] = []
+
+    def acc(c: float) -> float:
+        if c not in seen:
+            seen[c] = score(c)
+            trace.append((c, seen[c]))
+        return seen[c]
+
+    init = [acc(c) for c in LPCLIP_INIT]
+    peak = LPCLIP_INIT[int(np.argmax(init))]  # first maximum, as np.argmax in the reference
+    c_left, c_right = 0.1 * peak, 10.0 * peak
+    final = peak
+    for _ in range(steps):
+        if acc(c_left) < acc(c_right):
+            final = c_right
+            lo, hi = 0.5 * (np.log10(c_right) + np.log10(c_left)), np.log10(c_right)
+        else:
+            final = c_left
+            lo, hi = np.log10(c_left), 0.5 * (np.log10(c_right) + np.log10(c_left))
+        c_left, c_right = float(np.power(10, lo)), float(np.power(10, hi))
+    return final, trace
+
+
 class LinearProbe(Adapter):
-    """Logistic regression on features. ``c_grid``: inverse regularisation strengths tried on val."""
+    """Logistic regression on features.
+
+    Args:
+        c_grid: inverse regularisation strengths tried on val (``search: grid``).
+        search: ``grid`` or ``lpclip`` (CoOp lpclip's initial sweep + binary search).
+        lpclip_steps: rounds of the lpclip binary search.
+    """
 
     trainable = True
     cost = "trained on cached features (scikit-learn)"
 
     def __init__(self, c_grid: Sequence[float] = (0.001, 0.01, 0.1, 0.316, 1.0, 3.16, 10.0, 100.0),
-                 max_iter: int = 1000) -> None:
+                 max_iter: int = 1000, search: str = "grid", lpclip_steps: int = 8) -> None:
         super().__init__()
+        if search not in ("grid", "lpclip"):
+            raise ValueError(f"linear probe search must be grid or lpclip, got {search}")
         self.c_grid = [float(c) for c in c_grid]
         self.max_iter = int(max_iter)
+        self.search, self.lpclip_steps = search, int(lpclip_steps)
         self.C = self.c_grid[0]
         self.linear: nn.Linear | None = None
 
@@ -49,20 +102,29 @@ class LinearProbe(Adapter):
         x = views.reshape(-1, views.shape[-1]).float().numpy()
         y = train_set.labels.repeat(views.shape[0]).numpy()
         n_cls = self.ctx.n_classes
-        curve, best = [], None
-        for c in self.c_grid:
+        mode = "features (cached views as samples)" if views.shape[0] > 1 else "features (one per image)"
+        fitted: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+
+        def score(c: float) -> float:
             clf = LogisticRegression(C=c, max_iter=self.max_iter, random_state=self.ctx.seed)
             clf.fit(x, y)
-            w, b = self._full_weights(clf, n_cls)
-            self._load(w, b)
-            acc = accuracy(self.predict(val.features), val.labels)
-            curve.append(acc)
-            if best is None or acc > best[0]:
-                best = (acc, c, w, b)
-        _, self.C, w, b = best
-        self._load(w, b)
+            fitted[c] = self._full_weights(clf, n_cls)
+            self._load(*fitted[c])
+            return accuracy(self.predict(val.features), val.labels)
+
+        if self.search == "lpclip":
+            self.C, trace = lpclip_search(score, self.lpclip_steps)
+            self._load(*fitted[self.C])
+            return {"method": "lpclip (initial sweep + binary search over C)", "on": "val",
+                    "val_acc_per_C": {repr(c): a for c, a in trace}, "mode": mode}
+        curve, best_acc = [], -1.0
+        for c in self.c_grid:
+            curve.append(score(c))
+            if curve[-1] > best_acc:
+                best_acc, self.C = curve[-1], c
+        self._load(*fitted[self.C])
         return {"method": "grid over C", "on": "val", "val_acc_per_C": dict(zip(map(str, self.c_grid), curve)),
-                "mode": "features (cached views as samples)"}
+                "mode": mode}
 
     @staticmethod
     def _full_weights(clf: Any, n_cls: int) -> tuple[np.ndarray, np.ndarray]:

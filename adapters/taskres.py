@@ -6,17 +6,22 @@ added with a fixed scale alpha:
 
     t' = t + alpha x,     logits = 100 f . t'_c / ||t'_c||
 
-so before training the logits are the zero-shot logits. Defaults from the reference's scripts: alpha = 0.5 (1.0 for
-Flowers102), Adam lr 2e-3 (2e-4 for ImageNet), batch 256, cosine, one warmup epoch at 1e-5, 100 epochs for 1-4
-shots and 200 for 8-16 (``epochs: 0`` picks that by the number of shots). The reference keeps the last epoch; here
-``select`` decides (``best_val`` picks the epoch on val, never on test).
+so before training the logits are the zero-shot logits. t is the text encoder's *raw* output (``_get_base_text_
+features``: the mean of the unnormalised template embeddings), whose norm s_c is not 1, so a
+residual step moves the classifier's direction by about 1/s_c of what it would on a unit vector. Here
+t = text_head * s (``AdapterContext.text_norms``, kept by the text store), exact for a single template (CoOp's
+per-dataset prompt); for an ensemble the direction is fewclip's normalised-mean head and only the norm is the raw
+mean's. The norms are part of the learned state (``base_norms``), so a restored adapter predicts identically.
 
-Optimiser: the reference uses Dassl's Adam with its default L2 weight decay 5e-4 (coupled: ``wd * x`` is added to
-the gradient). The shared loop offers AdamW, identical to Adam without weight decay, so the decay enters the loss
-here as ``wd / 2 ||x||^2``, whose gradient is exactly that coupled term, with Dassl's betas (0.9, 0.99).
+Defaults from the reference's scripts: alpha = 0.5 (1.0 for Flowers102), Adam lr 2e-3 (2e-4 for ImageNet), batch
+256, cosine, one warmup epoch at 1e-5, 100 epochs for 1-4 shots and 200 for 8-16 (``epochs: 0`` picks that by the
+number of shots). The reference keeps the last epoch and steps the cosine once per epoch (Dassl); fewclip's
+``fewshot`` protocol picks the epoch on val and steps per batch, ``protocol=reference`` follows the reference
+(``conf/recipe/taskres.yaml``).
 
-Scale: the reference adds the residual to CLIP's raw, unnormalised text embeddings; the text head adapters receive
-is unit-norm, so a residual of the same size moves each class embedding further here (by the raw norm's factor).
+Optimiser: the reference uses Dassl's Adam (betas 0.9, 0.999: ``OPTIM.ADAM_BETA1/2``) with its default L2 weight
+decay 5e-4 (coupled: ``wd * x`` is added to the gradient). The shared loop offers AdamW, identical to Adam without
+weight decay, so the decay enters the loss here as ``wd / 2 ||x||^2``, whose gradient is exactly that coupled term.
 """
 
 from __future__ import annotations
@@ -55,11 +60,17 @@ class TaskRes(TrainsOnFeatures, Adapter):
     def setup(self, ctx: AdapterContext) -> None:
         super().setup(ctx)
         self.epochs_by_shots_budget(ctx, self.epochs_by_shots)
+        # Persistent: the raw norms travel with the residual, so restoring the state reproduces the classifier.
+        self.register_buffer("base_norms", ctx.raw_text_norms("TaskRes").to(self.text_head.device))
         self.residual = nn.Parameter(torch.zeros_like(self.text_head))
+
+    def base(self) -> torch.Tensor:
+        """``[C, D]`` the raw zero-shot text embeddings t (``text_head`` at each class's raw norm)."""
+        return self.text_head * self.base_norms[:, None]
 
     def classifier(self) -> torch.Tensor:
         """``[C, D]`` normalised ``t + alpha x``."""
-        return F.normalize(self.text_head + self.residual_scale * self.residual, dim=-1)
+        return F.normalize(self.base() + self.residual_scale * self.residual, dim=-1)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy plus the coupled L2 weight decay of the residual."""

@@ -1,9 +1,11 @@
 """One training loop for every trainable adapter.
 
-Optimiser (SGD or AdamW), a per-step cosine schedule with an optional constant warmup (CoOp's recipe),
-gradient clipping, mixed precision on CUDA, a seeded data order, a progress bar, and model selection on val
-only: the best epoch by val accuracy (ties keep the earlier epoch) or the last epoch. Training stops with a
-clear error on a non-finite loss.
+Optimiser (SGD or AdamW), a cosine schedule with an optional constant warmup, stepped per batch (reaching 0 at the
+end, as Tip-Adapter-F's ``CosineAnnealingLR(epochs x batches)``) or per epoch (Dassl's ``build_lr_scheduler``,
+used by CoOp, CoCoOp, KgCoOp, TaskRes, CLAP, MaPLe: lr constant within an epoch, ``cos(pi (e - W) / E)`` after W
+warmup epochs of E, never reaching 0), gradient clipping, mixed precision on CUDA, a seeded data order, a progress
+bar, and model selection on val only: the best epoch by val accuracy (ties keep the earlier epoch) or the last
+epoch. Training stops with a clear error on a non-finite loss.
 
 Feature-mode adapters train on the support store's cached augmented views: each epoch, every support image
 contributes one of its A views, drawn with the seeded generator. That departs from the papers (fresh
@@ -45,12 +47,13 @@ class TrainSpec:
     weight_decay: float = 0.0
     momentum: float = 0.9  # SGD only
     eps: float = 1e-8  # AdamW only
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only (Dassl's Adam: 0.9, 0.99)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only (Dassl's OPTIM.ADAM_BETA1/2 defaults: 0.9, 0.999)
     schedule: str = "cosine"  # cosine | constant
+    schedule_step: str = "batch"  # batch (cosine over every step, reaching 0) | epoch (Dassl: once per epoch)
     warmup_epochs: int = 0  # constant warmup_lr for these epochs, then the schedule (CoOp)
     warmup_lr: float = 1e-5
     grad_clip: float = 0.0  # max gradient norm; 0 disables
-    select: str = "best_val"  # best_val | last
+    select: str = "best_val"  # best_val | last (Dassl's TEST.FINAL_MODEL "last_step")
     amp: bool = True  # mixed precision when on CUDA
 
     @classmethod
@@ -60,7 +63,7 @@ class TrainSpec:
         spec = cls(**{k: v for k, v in kwargs.items() if k in names})
         spec.betas = (float(spec.betas[0]), float(spec.betas[1]))  # YAML gives a list (Hydra: a ListConfig)
         if spec.optimizer not in ("adamw", "sgd") or spec.schedule not in ("cosine", "constant") or \
-                spec.select not in ("best_val", "last"):
+                spec.select not in ("best_val", "last") or spec.schedule_step not in ("batch", "epoch"):
             raise ValueError(f"bad training spec {spec}")
         return spec, {k: v for k, v in kwargs.items() if k not in names}
 
@@ -86,7 +89,8 @@ def view_batches(support: SupportSet, batch_size: int) -> Batches:
 
 def _lr_lambda(spec: TrainSpec, steps_per_epoch: int, base_lr: float | None = None,
                warmup_epochs: int | None = None) -> Callable[[int], float]:
-    warm = (spec.warmup_epochs if warmup_epochs is None else warmup_epochs) * steps_per_epoch
+    warm_epochs = spec.warmup_epochs if warmup_epochs is None else warmup_epochs
+    warm = warm_epochs * steps_per_epoch
     total = max(1, spec.epochs * steps_per_epoch - warm)
     base_lr = spec.lr if base_lr is None else base_lr
 
@@ -95,6 +99,11 @@ def _lr_lambda(spec: TrainSpec, steps_per_epoch: int, base_lr: float | None = No
             return spec.warmup_lr / base_lr
         if spec.schedule == "constant":
             return 1.0
+        if spec.schedule_step == "epoch":
+            # Dassl: CosineAnnealingLR(T_max=max_epoch) stepped after each epoch, recounted from 0 when the
+            # ConstantWarmupScheduler hands over (WARMUP_RECOUNT), so epoch e >= W runs at cos(pi (e - W) / E).
+            epoch = step // steps_per_epoch
+            return 0.5 * (1.0 + math.cos(math.pi * (epoch - warm_epochs) / max(1, spec.epochs)))
         return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total) / total))
 
     return factor

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from caches.weights_id import file_identity, sha256_file  # noqa: F401  (sha256_file: imported from here too)
+
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "fewclip-tiny"
@@ -66,15 +68,6 @@ def _register_fewclip_configs() -> None:
 
     if TINY_MODEL not in open_clip.list_models():
         open_clip.add_model_config(_CONFIG_DIR)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_dict_hash(module: torch.nn.Module) -> str:
@@ -253,16 +246,20 @@ class FrozenClip:
             interpolation=str(pcfg.get("interpolation", "bicubic")),
         )
         self.logit_scale = 100.0  # CLIP's learned scale is ~100; the few-shot literature fixes it at 100.
+        # Where the weights came from (caches.weights_id): file, sha256, Hugging Face revision, OpenAI release.
+        self.weights_info: dict[str, Any] = {}
         self.weights_id = self._weights_id(weights)
         self.dim = int(self._probe_dim())
 
     def _weights_id(self, weights: str | None) -> str:
         if self.pretrained is None and not self.model_name.startswith("local-dir:"):
             return "random:" + state_dict_hash(self.model)[:16]
-        if weights is not None and self.pretrained is not None and os.path.isfile(self.pretrained):
-            return "file-sha256:" + sha256_file(weights)[:16]
         if self.model_name.startswith("local-dir:"):
             return "local-dir-sha256:" + state_dict_hash(self.model)[:16]
+        if weights is not None and os.path.isfile(weights):
+            tag = None if os.path.isfile(str(self.pretrained)) else self.pretrained
+            weights_id, self.weights_info = file_identity(weights, tag, self.model_name)
+            return weights_id
         return f"tag:{self.pretrained}"
 
     def _probe_dim(self) -> int:
@@ -303,14 +300,14 @@ class FrozenClip:
         return F.normalize(feats.float(), dim=-1)
 
     @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Encode strings. Returns ``[T, D]`` float32 L2-normalised features."""
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+        """Encode strings. Returns ``[T, D]`` float32 features, L2-normalised unless ``normalize`` is False."""
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
             with self._autocast():
                 feats = self.model.encode_text(tokens)
-            out.append(F.normalize(feats.float(), dim=-1))
+            out.append(F.normalize(feats.float(), dim=-1) if normalize else feats.float())
         return torch.cat(out) if out else torch.empty(0, 0)
 
     def _text_tower(self) -> Any:
@@ -426,11 +423,22 @@ class FrozenClip:
         Returns:
             ``[C, D]`` float32, rows L2-normalised, in the order of ``classnames``.
         """
+        return self.text_head_and_norms(classnames, templates)[0]
+
+    @torch.no_grad()
+    def text_head_and_norms(self, classnames: Sequence[str], templates: Sequence[str]
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The zero-shot classifier ``[C, D]`` and the norm ``[C]`` of each class's raw mean template embedding.
+
+        TaskRes and CLAP start from the raw (unnormalised) mean of the template embeddings; with one template,
+        ``head * norms[:, None]`` is exactly that vector.
+        """
         if not templates or any("{}" not in t for t in templates):
             raise ValueError(f"Every prompt template must contain '{{}}'; got {list(templates)}")
         prompts = [t.format(c) for c in classnames for t in templates]
-        feats = self.encode_texts(prompts).view(len(classnames), len(templates), -1)
-        return F.normalize(feats.mean(dim=1), dim=-1)
+        raw = self.encode_texts(prompts, normalize=False).view(len(classnames), len(templates), -1)
+        head = F.normalize(F.normalize(raw, dim=-1).mean(dim=1), dim=-1)
+        return head, raw.mean(dim=1).norm(dim=-1)
 
 
 _LOADED: dict[tuple, FrozenClip] = {}

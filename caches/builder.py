@@ -414,19 +414,30 @@ class CacheBuilder:
         return self._get_or_build(self.store_path(dataset, stem, spec), spec, build)
 
     def text(self, dataset: ImageDataset) -> KVStore:
-        """The zero-shot text head ``[C, D]`` (template ensemble), values = class index."""
+        """The zero-shot text head ``[C, D]`` (template ensemble), values = class index.
+
+        ``meta.csv`` also keeps each class's raw text norm (``raw_norm``, see ``text_raw_norms``).
+        """
         spec = {
             "kind": "text", "backbone": self.backbone.describe(),
-            "classnames": dataset.classnames, "templates": dataset.templates,
+            "classnames": dataset.classnames, "templates": dataset.templates, "meta": ["classname", "raw_norm"],
         }
         path = self.store_path(dataset, "text", spec)
 
         def build() -> tuple[dict[str, Any], dict[str, Any]]:
-            head = self.backbone.text_head(dataset.classnames, dataset.templates).cpu()
-            meta = [{"classname": c} for c in dataset.classnames]
+            head, norms = self.backbone.text_head_and_norms(dataset.classnames, dataset.templates)
+            head = head.cpu()
+            meta = [{"classname": c, "raw_norm": repr(float(n))} for c, n in zip(dataset.classnames, norms.tolist())]
             return {"keys": head, "values": torch.arange(len(dataset.classnames)), "meta": meta}, {}
 
         return self._get_or_build(path, spec, build)
+
+
+def text_raw_norms(store: KVStore) -> torch.Tensor | None:
+    """``[C]`` raw text norms kept by a text store (``AdapterContext.text_norms``); None for stores without them."""
+    if not store.meta or "raw_norm" not in store.meta[0]:
+        return None
+    return torch.tensor([float(row["raw_norm"]) for row in store.meta], dtype=torch.float32)
 
 
 def describe_stores(stores: dict[str, KVStore]) -> dict[str, dict[str, Any]]:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from caches.backbone import sha256_file
 from caches.search import DEFAULT_INDEX, KeyIndex, build_index, index_kind, reconstruct_exact
 
 log = logging.getLogger(__name__)
@@ -109,12 +110,6 @@ def _canonical_digest(obj: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def sha256_path(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -237,7 +232,7 @@ def check_file(d: Path, name: str, rec: dict[str, Any], full: bool = False) -> N
         raise StoreError(f"{d}: {name} has {st.st_size} bytes, the manifest says {size} (corrupt or modified)")
     stamped = size is not None and st.st_mtime_ns == rec.get("mtime_ns")
     if full or not stamped:
-        digest = sha256_path(f)
+        digest = sha256_file(f, _BLOCK)
         if digest != rec.get("sha256"):
             raise StoreError(f"{d}: checksum mismatch for {name} (sha256 {digest[:16]}..., manifest "
                              f"{str(rec.get('sha256'))[:16]}...; corrupt or modified)")
@@ -284,7 +279,7 @@ class BankRows:
 
 
 def _open_bank_views(store_dir: Path, record: dict[str, Any], n: int, a: int, dim: int,
-                     rows: np.ndarray) -> list[Path]:
+                     rows: np.ndarray, full: bool = False) -> list[Path]:
     """Check the bank chunks a store references and return their ``views.npy`` paths (not read yet)."""
     bank = store_dir.parent / str(record.get("bank", ""))
     chunks = record.get("chunks") or []
@@ -304,10 +299,12 @@ def _open_bank_views(store_dir: Path, record: dict[str, Any], n: int, a: int, di
         if cman.get("fingerprint") != ref.get("fingerprint") or rec.get("sha256") != ref.get("sha256") \
                 or rec.get("size") != ref.get("size"):
             raise StoreError(f"{store_dir}: bank chunk {cdir.name} is not the one this store was built from")
-        check_file(cdir, VIEWS, rec)
-        shape = np.load(cdir / VIEWS, mmap_mode="r").shape
-        if len(shape) != 3 or shape[0] != a or shape[2] != dim:
-            raise StoreError(f"{store_dir}: bank chunk {cdir.name} holds views {shape}, expected [{a}, *, {dim}]")
+        check_file(cdir, VIEWS, rec, full=full)
+        arr = np.load(cdir / VIEWS, mmap_mode="r")
+        shape = arr.shape
+        if len(shape) != 3 or shape[0] != a or shape[2] != dim or arr.dtype != np.float32:
+            raise StoreError(f"{store_dir}: bank chunk {cdir.name} holds views {shape} {arr.dtype}, expected "
+                             f"[{a}, *, {dim}] float32")
         mine = rows[rows[:, 0] == i, 1]
         if len(mine) and (mine.min() < 0 or mine.max() >= shape[1]):
             raise StoreError(f"{store_dir}: {VIEW_ROWS} points past the {shape[1]} rows of chunk {cdir.name}")
@@ -616,7 +613,7 @@ class KVStore:
         views, bank_views = None, None
         if bank_record:
             rows = np.load(d / VIEW_ROWS, allow_pickle=False)
-            bank_views = (_open_bank_views(d, bank_record, n, a, dim, rows), rows)
+            bank_views = (_open_bank_views(d, bank_record, n, a, dim, rows, full=full), rows)
         elif a:
             views = np.load(d / VIEWS, allow_pickle=False, mmap_mode="r")
             if views.shape != (a, n, dim) or views.dtype != np.float32:

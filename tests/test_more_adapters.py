@@ -281,7 +281,8 @@ def test_taskres_zero_residual_is_zero_shot_and_the_residual_enters_scaled(task)
     support, text, _, test = task
     tr = _setup(TaskRes(residual_scale=0.5), support, text)
     torch.testing.assert_close(tr.predict(test.features), _setup(ZeroShot(), support, text).predict(test.features))
-    assert set(tr.state_dict()) == {"residual"} and not tr.residual.detach().any()
+    assert set(tr.state_dict()) == {"residual", "base_norms"} and not tr.residual.detach().any()
+    assert torch.equal(tr.base_norms, torch.ones(C))  # no raw norms in this context: unit norm
     x = torch.randn(C, D, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         tr.residual.copy_(x)

@@ -52,7 +52,10 @@ def test_random_and_class_specific_context(tiny):
 
 
 def test_coop_epochs_follow_the_shots(tiny):
-    assert _setup(CoOp(epochs=0), tiny, _support(tiny.dim, 2)).spec.epochs == 50
+    # KaiyangZhou/CoOp COOP.md: rn50_ep50 for 1 shot, rn50_ep100 for 2 and 4, rn50 (200) for 8 and 16
+    assert _setup(CoOp(epochs=0), tiny, _support(tiny.dim, 1)).spec.epochs == 50
+    assert _setup(CoOp(epochs=0), tiny, _support(tiny.dim, 2)).spec.epochs == 100
+    assert _setup(CoOp(epochs=0), tiny, _support(tiny.dim, 8)).spec.epochs == 200
     assert _setup(CoOp(epochs=0), tiny, _support(tiny.dim, 16)).spec.epochs == 200
     assert _setup(CoOp(epochs=7), tiny, _support(tiny.dim, 16)).spec.epochs == 7
 

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import fewclip
 from fewclip import report as rp
 
 # A template no dataset config uses, shared by every dataset: all synthetic runs get the same template hash, so
@@ -30,9 +29,11 @@ B2N_DATASETS = ["dtd", "eurosat"]
 
 def write_result(root: Path, name: str, *, dataset: str, adapter: str, shots: int, seed: int, test_acc: float,
                  views: int = 10, subsample: str | None = None, novel: float | None = None,
-                 mtime: float | None = None) -> Path:
-    proto = {"templates": TEMPLATES, "split_source": "standard", "val_shots": min(shots, 4), "views": views,
-             "backbone_weights": "tag:openai", "selection": "val"}
+                 mtime: float | None = None, protocol: str | None = None, templates: list[str] | None = None) -> Path:
+    proto = {"templates": templates or TEMPLATES, "split_source": "standard", "val_shots": min(shots, 4),
+             "views": views, "backbone_weights": "tag:openai", "selection": "val"}
+    if protocol is not None:  # results written before the protocol switch carry no name: fewshot
+        proto["name"] = protocol
     if subsample is not None:
         proto["subsample"] = subsample
     res = {"dataset": dataset, "adapter": adapter, "backbone": "rn50", "shots": shots, "seed": seed,
@@ -217,40 +218,70 @@ def test_base_to_novel_hm(results):
     assert rp.harmonic_mean(80.0, 0.0) == 0.0 and math.isnan(rp.harmonic_mean(80.0, math.nan))
 
 
-def test_compare_published_delta(results):
+def test_compare_published_delta(results, tmp_path):
     rep = rp.build_report(load(results["root"]), published=rp.load_published("published"))
-    pub = pd.read_csv(Path(fewclip.__file__).with_name("published.csv"))
+    pub = pd.read_csv(rp.published_path())
     pub = pub[pub.backbone == "RN50"]
     compared = rep.summary[rep.summary.published.notna()]
     assert len(compared) > 0
     for _, c in compared.iterrows():
         rows = pub[(pub.adapter == c["adapter"]) & (pub.dataset == c["dataset"]) & (pub.metric == c["metric"])
                    & ((pub.shots == c["shots"]) | pub.shots.isna())]
-        assert len(rows) == 1
+        assert len(rows) == 1 and rows["protocol"].iloc[0] == "any"  # fewshot runs meet zero-shot rows only
         assert c["published"] == pytest.approx(rows["value"].iloc[0])
         assert c["delta"] == pytest.approx(c["mean"] - rows["value"].iloc[0])
-    # Published rows exist for these cells: tip on dtd at 16 shots, and zero-shot (shot-independent) at any k.
-    main = results["main"]
-    tip = cell(compared, adapter="tip", dataset="dtd", shots=16, table="per_shot", protocol=rep.groups[0].key)
-    expected = main[(main.adapter == "tip") & (main.dataset == "dtd") & (main.shots == 16)]["test_acc"].mean()
-    assert tip["delta"] == pytest.approx(expected - 60.93)
     assert len(compared[(compared.adapter == "zero_shot") & (compared.dataset == "dtd")]) == len(SHOTS)
+    assert set(compared.adapter) == {"zero_shot"}
+    md = rp.render_markdown(rep)
+    assert "Published tip rows skipped" in md and "this group ran protocol=fewshot" in md
     # A 3-dataset Average is never compared with a published 11-dataset average.
     assert compared[compared.dataset == "Average"].empty
+    # protocol=reference runs of Tip-Adapter meet Tip-Adapter's rows, except those selected on test
+    for s in SEEDS:
+        write_result(tmp_path, f"ref/s{s}", dataset="dtd", adapter="tip", shots=16, seed=s, test_acc=60.0 + s,
+                     protocol="reference")
+        write_result(tmp_path, f"ref/tipf-s{s}", dataset="dtd", adapter="tip_f", shots=16, seed=s, test_acc=65.0,
+                     protocol="reference")
+    rep = rp.build_report(load(tmp_path / "ref"), published=rp.load_published())
+    tip = cell(rep.summary, adapter="tip", dataset="dtd", shots=16, table="per_shot")
+    assert tip["published"] == pytest.approx(60.93) and tip["delta"] == pytest.approx(62.0 - 60.93)
     assert "(pub 60.93, Δ " in rp.render_markdown(rep)
+    tip_f = cell(rep.summary, adapter="tip_f", dataset="dtd", shots=16, table="per_shot")
+    assert math.isnan(tip_f["published"])
+    assert "Published tip_f rows skipped" in rp.render_markdown(rep) and "selection on test" in \
+        rp.render_markdown(rep)
+
+
+def test_fewshot_and_reference_runs_are_never_averaged_together(tmp_path):
+    for s in SEEDS:
+        write_result(tmp_path, f"fs/s{s}", dataset="dtd", adapter="tip", shots=4, seed=s, test_acc=50.0)
+        write_result(tmp_path, f"ref/s{s}", dataset="dtd", adapter="tip", shots=4, seed=s, test_acc=70.0,
+                     protocol="reference")
+    df = load(tmp_path)
+    assert set(df["protocol_name"]) == {"fewshot", "reference"} and df["protocol"].nunique() == 2
+    rep = rp.build_report(df)
+    assert len(rep.groups) == 2
+    cells = rep.summary[(rep.summary.adapter == "tip") & (rep.summary.table == "per_shot")]
+    assert sorted(cells["mean"]) == [50.0, 70.0] and set(cells["n_seeds"]) == {3}  # never 60 over 6 runs
+    md = rp.render_markdown(rep)
+    assert "protocol: reference" in md and "protocol: fewshot" in md
 
 
 def test_published_table_is_consistent():
     pub = rp.load_published()
     assert set(pub.backbone) == {"RN50", "ViT-B/16"}
-    # RN50 16-shot: the per-dataset numbers average to the published 11-dataset averages.
-    for a in ["tip", "tip_f", "clip_adapter", "coop", "gda"]:
-        per = pub[(pub.backbone == "RN50") & (pub.adapter == a) & (pub.shots == 16)
-                  & pub.dataset.isin(rp.STANDARD_DATASETS)]
-        avg = pub[(pub.backbone == "RN50") & (pub.adapter == a) & (pub.shots == 16) & (pub.dataset == "Average")]
-        assert len(per) == 11
-        assert per["value"].mean() == pytest.approx(avg["value"].iloc[0], abs=0.01)
-    b2n = pub[pub.metric.isin(["base", "novel", "hm"])].pivot(index="adapter", columns="metric", values="value")
+    assert pub["source"].str.contains("@").all()  # every row names owner/repo@commit and a file
+    # Every 11-dataset average is the mean of the table's own per-dataset rows (imagenet_ens stands for ImageNet).
+    pub["canon"] = pub["dataset"].replace({"imagenet_ens": "imagenet"})
+    checked = 0
+    for (bb, a, k, m), g in pub.groupby(["backbone", "adapter", "shots", "metric"], dropna=False):
+        per, avg = g[g.canon.isin(rp.STANDARD_DATASETS)], g[g.dataset == "Average"]
+        if len(per) == 11 and len(avg) == 1 and m != "hm":
+            assert per["value"].mean() == pytest.approx(avg["value"].iloc[0], abs=0.006), (bb, a, k, m)
+            checked += 1
+    assert checked >= 5 * 6  # tip, tip_f, clip_adapter, coop, gda, ape, ape_t at 1..16 shots
+    b2n = pub[pub.metric.isin(["base", "novel", "hm"]) & (pub.dataset == "Average")]
+    b2n = b2n.pivot(index="adapter", columns="metric", values="value")
     hm = 2 * b2n["base"] * b2n["novel"] / (b2n["base"] + b2n["novel"])
     assert np.allclose(hm, b2n["hm"], atol=0.011)
 
@@ -317,16 +348,19 @@ def test_plot_without_matplotlib(results, tmp_path, monkeypatch):
 
 
 def test_average_over_the_11_datasets_is_compared(tmp_path):
-    # One seed per dataset: no spread ("± -"), and imagenet_ens stands in for ImageNet in the 11-dataset set.
+    # One seed per dataset: no spread ("± -"). CoOp (reference protocol) on the 11 datasets, ImageNet with one
+    # template as in CoOp's rows, each dataset with its configured templates.
     accs = {d: 50.0 + i for i, d in enumerate(rp.STANDARD_DATASETS)}
+    defaults = rp.default_templates()
     for d, acc in accs.items():
-        name = "imagenet_ens" if d == "imagenet" else d
-        write_result(tmp_path, name, dataset=name, adapter="tip", shots=16, seed=1, test_acc=acc)
-    rep = rp.build_report(load(tmp_path), published=rp.load_published())
+        write_result(tmp_path, d, dataset=d, adapter="coop", shots=16, seed=1, test_acc=acc, protocol="reference",
+                     templates=defaults[d])
+    rep = rp.build_report(rp.load_results([tmp_path]), published=rp.load_published())
     avg = cell(rep.summary, table="per_shot", dataset="Average")
     assert avg["mean"] == pytest.approx(np.mean(list(accs.values())))
     assert math.isnan(avg["std"]) and avg["n_seeds"] == 1
-    assert avg["published"] == pytest.approx(70.32) and avg["delta"] == pytest.approx(avg["mean"] - 70.32)
-    # imagenet_ens has no tip row of its own: ImageNet's is used.
-    assert cell(rep.summary, table="per_shot", dataset="imagenet_ens")["published"] == pytest.approx(62.01)
-    assert f"{avg['mean']:.2f} ± - (pub 70.32" in rp.render_markdown(rep)
+    assert avg["published"] == pytest.approx(73.45) and avg["delta"] == pytest.approx(avg["mean"] - 73.45)
+    assert cell(rep.summary, table="per_shot", dataset="imagenet")["published"] == pytest.approx(62.97)
+    assert f"{avg['mean']:.2f} ± - (pub 73.45" in rp.render_markdown(rep)
+
+

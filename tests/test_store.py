@@ -245,13 +245,13 @@ def test_unreadable_test_images_are_skipped_and_counted(tmp_path, tiny, class_fo
 # ---------------------------------------------------------------------------------------------- format 2
 def _count_hashing(monkeypatch):
     calls: list[str] = []
-    real = store_module.sha256_path
+    real = store_module.sha256_file
 
-    def counting(path):
+    def counting(path, *a):
         calls.append(Path(path).name)
-        return real(path)
+        return real(path, *a)
 
-    monkeypatch.setattr(store_module, "sha256_path", counting)
+    monkeypatch.setattr(store_module, "sha256_file", counting)
     return calls
 
 
@@ -494,3 +494,30 @@ def test_interrupted_build_resumes_from_completed_chunks(tmp_path, tiny):
     # and the assembled store equals a build from scratch
     fresh = CacheBuilder(tiny, tmp_path / "fresh", batch_size=10, progress=False).features(ds, "test", samples)
     torch.testing.assert_close(store.keys(), fresh.keys(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_support_store_whose_bank_chunk_is_gone_is_rebuilt(tmp_path, tiny):
+    """The views live in the bank: a deleted or replaced chunk invalidates the store, which is rebuilt (encoding
+    only what the bank lost) and never served with other views."""
+    ds = load_digits(T)
+    samples = ds.splits["train"][:20]
+    b = CacheBuilder(tiny, tmp_path, batch_size=10, progress=False, chunk_images=20)  # 10 images x 2 views per chunk
+    store = b.support(ds, samples, 2, 1, views=2)
+    views = store.view_features()
+    refs = store.manifest["bank_views"]["chunks"]
+    assert len(refs) == 2
+    # the store's own files damaged: rebuilt from the bank, nothing encoded
+    (store.path / "view_rows.npy").write_bytes(b"garbage")
+    b1 = CacheBuilder(tiny, tmp_path, batch_size=10, progress=False, chunk_images=20)
+    assert torch.equal(b1.support(ds, samples, 2, 1, views=2).view_features(), views) and b1.encoded_images == 0
+    assert b1.built == [store.path.name]
+    import shutil
+
+    bank = store.path.parent / store.manifest["bank_views"]["bank"]
+    shutil.rmtree(bank / refs[1]["name"])
+    with pytest.raises(StoreError, match=f"bank chunk {refs[1]['name']}, which is missing"):
+        KVStore.load(store.path)
+    b2 = CacheBuilder(tiny, tmp_path, batch_size=10, progress=False, chunk_images=20)
+    again = b2.support(ds, samples, 2, 1, views=2)
+    assert b2.built == [store.path.name] and b2.encoded_images == 10 * 2
+    torch.testing.assert_close(again.view_features(), views, rtol=1e-5, atol=1e-6)

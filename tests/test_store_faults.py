@@ -396,6 +396,9 @@ def test_cache_verify(tmp_path, tiny):
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     damaged = [line for line in proc.stdout.splitlines() if line.startswith("DAMAGED")]
-    assert len(damaged) == 1 and str(chunk) in damaged[0] and "checksum mismatch for views.npy" in damaged[0]
-    assert "1 damaged" in proc.stdout
+    # the chunk, and the support store whose views it holds
+    assert len(damaged) == 2 and "2 damaged" in proc.stdout
+    assert any(line.startswith(f"DAMAGED {chunk}: ") and "checksum mismatch for views.npy" in line
+               for line in damaged)
+    assert any(line.startswith(f"DAMAGED {support.path}: ") and chunk.name in line for line in damaged)
     assert cache_main(["verify", str(tmp_path / "nowhere")]) == 2

@@ -16,9 +16,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
-@dataclass
-class FewShotConfig:
-    allow_fewer: bool = False  # a class with < K train images: error (False) or take all with a warning
+def fewshot_defaults() -> dict[str, Any]:
+    """``fewshot.*``: a plain node rather than a dataclass because ``import`` is a Python keyword.
+
+    allow_fewer: a class with < K train images is an error (False) or takes all it has, with a warning.
+    sampler: ``fewclip`` | ``dassl`` (CoOp's draw) | null (the protocol's: fewclip, or dassl under reference).
+    import: a CoOp ``split_fewshot/shot_K-seed_S.pkl`` whose draw replaces the sampler's.
+    The values are checked when a job starts (``fewclip.protocol.resolve_protocol``).
+    """
+    return {"allow_fewer": False, "sampler": None, "import": None}
 
 
 @dataclass
@@ -62,7 +68,8 @@ class RunConfig:
     resume: bool = True  # skip the job when its output directory holds a result.json of the same config
     novel: bool = True  # with dataset.subsample=base, also score the fitted adapter on the new classes
     sweep_name: str = "default"  # sweeps write to outputs/sweeps/<sweep_name>/ (set by conf/sweep/*.yaml)
-    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    protocol: str = "fewshot"  # fewshot | reference (each method's published recipe: conf/recipe/<adapter>.yaml)
+    fewshot: Any = field(default_factory=fewshot_defaults)
     cache: CacheConfig = field(default_factory=CacheConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

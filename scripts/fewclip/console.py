@@ -19,9 +19,10 @@ def user_error(e: BaseException) -> BaseException | None:
     from caches.data.records import DatasetError
     from caches.search import IndexSpecError
     from caches.store import StoreError
+    from fewclip.recipes import RecipeError
 
     kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, StoreError, FileNotFoundError,
-             IndexSpecError)
+             IndexSpecError, RecipeError)
     while e is not None:
         if isinstance(e, kinds):
             return e

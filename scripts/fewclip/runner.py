@@ -2,7 +2,9 @@
 
 Order of work, which is also the protocol:
 
-1. build the backbone and the dataset; draw K shots per class from train and min(K, 4) per class from val;
+1. build the backbone and the dataset; resolve the protocol (``fewshot``, or ``reference``: the method's recipe,
+   ``fewclip.protocol``); draw K shots per class from train and the validation images (min(K, 4) per class, or
+   what the recipe's official code used);
 2. build or load the text head, support and val stores;
 3. ``adapter.setup`` -> ``fit(support, val)`` -> ``tune(val)``: every choice is made on val;
 4. build or load the test store and evaluate on it, once;
@@ -24,13 +26,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, accuracy, evaluate, predict_split
-from caches.builder import CacheBuilder, describe_stores
+from caches.builder import CacheBuilder, describe_stores, text_raw_norms
 from caches.data.augment import AugmentSpec
-from caches.data.fewshot import persist_fewshot, sample_fewshot, select
+from caches.data.fewshot import persist_fewshot, select
 from caches.data.pixels import PixelData
 from caches.data.records import DatasetError
 from caches.search import check_single_faiss
 from caches.store import KVStore
+from fewclip.protocol import RunProtocol, draw_fewshot, resolve_protocol, val_description
 from fewclip.threads import configure_job_threads
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,8 @@ def save_adapter_state(adapter: Adapter, out: Path) -> str | None:
 def restore_adapter(adapter: Adapter, run_dir: str | os.PathLike) -> Adapter:
     """Load a fitted adapter's learned state and chosen hyperparameters from a run directory.
 
-    ``adapter`` must be freshly instantiated from the same YAML and ``setup`` with the same context.
+    ``adapter`` must be freshly instantiated from the run's ``adapter_config`` (its YAML with, under
+    ``protocol=reference``, the recipe's values) and ``setup`` with the same context.
     """
     from safetensors.torch import load_file
 
@@ -189,8 +193,8 @@ def finished_result(out: Path, cfg: DictConfig) -> dict[str, Any] | None:
     return saved
 
 
-def evaluate_novel(cfg: DictConfig, adapter: Adapter, builder: CacheBuilder, base_ctx: AdapterContext
-                   ) -> dict[str, Any]:
+def evaluate_novel(cfg: DictConfig, adapter: Adapter, builder: CacheBuilder, base_ctx: AdapterContext,
+                   adapter_node: Any = None) -> dict[str, Any]:
     """Base-to-novel: score the adapter fitted on the base classes on the new classes' test images, once.
 
     The new classes get their own text head; what the adapter learned moves over through
@@ -205,8 +209,8 @@ def evaluate_novel(cfg: DictConfig, adapter: Adapter, builder: CacheBuilder, bas
     empty = SupportSet(keys=torch.empty(0, base_ctx.support.keys.shape[1]), labels=torch.empty(0, dtype=torch.long))
     ctx = AdapterContext(classnames=list(novel_ds.classnames), text_head=stores["text"].keys(), support=empty,
                          logit_scale=base_ctx.logit_scale, backbone=base_ctx.backbone, device=base_ctx.device,
-                         seed=base_ctx.seed, progress=base_ctx.progress)
-    novel: Adapter = instantiate(cfg.adapter)
+                         seed=base_ctx.seed, progress=base_ctx.progress, text_norms=text_raw_norms(stores["text"]))
+    novel: Adapter = instantiate(cfg.adapter if adapter_node is None else adapter_node)
     novel.setup(ctx)
     novel.load_state_dict(state, strict=False)
     for k, v in adapter.hparams().items():
@@ -228,6 +232,15 @@ def eval_split(builder: CacheBuilder, dataset: Any, samples: list, pixel_mode: b
         return builder.pixel_split(dataset, samples), 0
     stores[key] = builder.features(dataset, "test", samples)
     return _features(stores[key]), len(stores[key].manifest.get("skipped", []))
+
+
+def support_store(builder: CacheBuilder, dataset: Any, samples: list, cfg: DictConfig, proto: RunProtocol,
+                  aug: AugmentSpec) -> KVStore:
+    """The support store: ``proto.views`` augmented views per image, or un-augmented features (``plain``: the
+    eval transform, one per image, for methods fitted on them such as lpclip's linear probe)."""
+    if proto.support_features == "plain":
+        return builder.features(dataset, "train", samples, index=cfg.cache.index)
+    return builder.support(dataset, samples, cfg.shots, cfg.seed, views=proto.views, aug=aug, index=cfg.cache.index)
 
 
 def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -256,18 +269,18 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     if not dataset.splits["train"]:
         raise DatasetError(f"dataset {dataset.name} is evaluation-only (no train split): fit on its parent and "
                            f"pass targets=[{dataset.name}]")
-    fewshot = sample_fewshot(dataset, cfg.shots, cfg.seed, allow_fewer=cfg.fewshot.allow_fewer)
+    proto = resolve_protocol(cfg, names["adapter"], names["dataset"])
+    fewshot = draw_fewshot(cfg, dataset, proto, instantiate_node)
     fewshot_path = persist_fewshot(fewshot, Path(cfg.cache_dir) / "fewshot" / dataset.name)
+    # An imported CoOp draw may take ImageNet support images from the val split fewclip carved from train.
+    support_samples = select(dataset, ("train", "val"), fewshot.train)
 
     builder = CacheBuilder(backbone, cfg.cache_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                            progress=cfg.progress)
     aug = AugmentSpec(scale=tuple(cfg.augment.scale), ratio=tuple(cfg.augment.ratio), flip_p=cfg.augment.flip_p)
-    stores = {
-        "text": builder.text(dataset),
-        "support": builder.support(dataset, select(dataset, "train", fewshot.train), cfg.shots, cfg.seed,
-                                   views=cfg.views, aug=aug, index=cfg.cache.index),
-        "val": builder.features(dataset, "val", select(dataset, "val", fewshot.val)),
-    }
+    stores = {"text": builder.text(dataset), "support": support_store(builder, dataset, support_samples, cfg, proto,
+                                                                     aug)}
+    stores["val"] = builder.features(dataset, "val", select(dataset, "val", fewshot.val))
     support = SupportSet(keys=stores["support"].keys(), labels=stores["support"].labels(),
                          views=stores["support"].view_features(),
                          index=stores["support"].searcher(cfg.cache.search_params))
@@ -276,9 +289,10 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     def make_ctx(support_set: SupportSet) -> AdapterContext:
         return AdapterContext(classnames=list(dataset.classnames), text_head=stores["text"].keys(),
                               support=support_set, logit_scale=backbone.logit_scale, backbone=backbone,
-                              device=backbone.device, seed=cfg.seed, progress=cfg.progress)
+                              device=backbone.device, seed=cfg.seed, progress=cfg.progress,
+                              text_norms=text_raw_norms(stores["text"]))
 
-    adapter: Adapter = instantiate(cfg.adapter)
+    adapter: Adapter = instantiate(proto.adapter)
     pixel_mode = adapter.input_kind == "pixels"
     pool_record = None
     if cfg.pool.path:
@@ -289,14 +303,14 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
                                "cannot use it")
         t = time.perf_counter()
         adapter, support, fit_record, selection, pool_record = fit_with_pool(
-            cfg, builder, dataset, stores, support, val, make_ctx, lambda: instantiate(cfg.adapter))
+            cfg, builder, dataset, stores, support, val, make_ctx, lambda: instantiate(proto.adapter))
         ctx = adapter.ctx
         timings["fit"] = time.perf_counter() - t  # every candidate's fit and search
         timings["search"] = 0.0
     else:
         ctx = make_ctx(support)
         if pixel_mode:
-            ctx.pixels = PixelData(train=builder.pixel_split(dataset, select(dataset, "train", fewshot.train)),
+            ctx.pixels = PixelData(train=builder.pixel_split(dataset, support_samples),
                                    val=builder.pixel_split(dataset, select(dataset, "val", fewshot.val)), aug=aug)
             val = ctx.pixels.val
         adapter.setup(ctx)
@@ -316,8 +330,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     test_acc = accuracy(logits, test_labels)
     timings["eval"] = time.perf_counter() - t
     targets = {name: evaluate_target(cfg, name, dataset, adapter, builder) for name in cfg.get("targets", [])}
-    novel = evaluate_novel(cfg, adapter, builder, ctx) if dataset.source.get("subsample") == "base" \
-        and cfg.get("novel", True) else None
+    novel = evaluate_novel(cfg, adapter, builder, ctx, proto.adapter) \
+        if dataset.source.get("subsample") == "base" and cfg.get("novel", True) else None
     timings["encode"] = builder.encode_seconds
     timings["total"] = time.perf_counter() - t_start
 
@@ -339,16 +353,22 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         "hparams": adapter.hparams(),
         "lookup": adapter.lookup_record(),
         **({"pool": pool_record} if pool_record is not None else {}),
+        "adapter_config": OmegaConf.to_container(proto.adapter, resolve=True),
         "adapter_state": state_file,
-        "selection": {**selection, "fit": fit_record, "val_images_per_class": min(int(cfg.shots), 4)},
-        "protocol": {"templates": dataset.templates, "split_source": dataset.source.get("split_source"),
-                     "val_shots": min(int(cfg.shots), 4), "views": int(cfg.views),
+        "selection": {**selection, "fit": fit_record, "val_images_per_class": val_description(proto, cfg.shots)},
+        "protocol": {"name": proto.name, "templates": dataset.templates,
+                     "split_source": dataset.source.get("split_source"),
+                     "val_shots": val_description(proto, cfg.shots), "views": proto.views,
+                     "support_features": proto.support_features, "sampler": fewshot.source,
                      "backbone_weights": backbone.weights_id, "selection": "val",
                      "subsample": dataset.source.get("subsample", "all")},
+        "recipe": proto.record(),
+        "backbone_weights": {"id": backbone.weights_id, **backbone.weights_info},
         "cache": describe_stores(stores),
         "cache_activity": {"built": builder.built, "loaded": builder.loaded,
                            "encoded_images": builder.encoded_images},
         "fewshot_ids": str(fewshot_path),
+        "fewshot_notes": fewshot.notes,
         "timings_s": timings,
         "threads": threads,
         "versions": versions(),

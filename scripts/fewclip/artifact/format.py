@@ -152,7 +152,7 @@ def _describe(result: dict[str, Any], text: KVStore, support: KVStore) -> dict[s
     cfg = result["config"]
     spec = support.manifest["spec"]
     backbone = dict(spec["backbone"])  # FrozenClip.describe() at fit time: what the features were encoded with
-    adapter_node = cfg["adapter"]
+    adapter_node = result.get("adapter_config") or cfg["adapter"]  # protocol=reference: the recipe's values
     cls = _adapter_class(adapter_node.get("_target_", ""))
     return {
         "format": FORMAT,

@@ -29,12 +29,12 @@ RESULT_FILE = "result.json"
 KEY = ("protocol", "dataset", "adapter", "shots", "seed")
 """What identifies one run; two files with the same key are duplicates."""
 
-PROTOCOL_FIELDS = ("backbone", "backbone_weights", "templates", "split_source", "val_shots", "views", "selection",
-                   "subsample")
+PROTOCOL_FIELDS = ("protocol_name", "sampler", "backbone", "backbone_weights", "templates", "split_source",
+                   "val_shots", "views", "selection", "subsample")
 
 RUN_COLUMNS = ["dataset", "adapter", "backbone", "shots", "seed", "val_acc", "test_acc", "novel_acc", "protocol",
-               "backbone_weights", "templates", "split_source", "val_shots", "views", "selection", "subsample",
-               "template_list", "path", "mtime"]
+               "protocol_name", "sampler", "backbone_weights", "templates", "split_source", "val_shots", "views",
+               "selection", "subsample", "template_list", "path", "mtime"]
 
 
 class ReportError(ValueError):
@@ -81,6 +81,8 @@ def _val_rule(val_shots: Any, shots: int) -> str | None:
     # rather than the number keeps one protocol across 1..16 shots.
     if val_shots is None:
         return None
+    if isinstance(val_shots, str) and not val_shots.isdigit():
+        return val_shots  # "full": the whole val split
     if int(val_shots) == min(int(shots), 4):
         return "min(K,4)"
     return str(int(val_shots))
@@ -90,7 +92,8 @@ def _protocol_key(row: Mapping[str, Any]) -> str:
     def s(v: Any) -> str:
         return "na" if v is None else str(v)
 
-    return (f"{s(row['backbone'])}/{s(row['backbone_weights'])}|tpl:{s(row['templates'])}"
+    return (f"{s(row['protocol_name'])}|draw:{s(row['sampler'])}|"
+            f"{s(row['backbone'])}/{s(row['backbone_weights'])}|tpl:{s(row['templates'])}"
             f"|split:{s(row['split_source'])}|val:{s(row['val_shots'])}|views:{s(row['views'])}"
             f"|sel:{s(row['selection'])}|sub:{s(row['subsample'])}")
 
@@ -120,6 +123,14 @@ def _parse_result(path: Path, defaults: Mapping[str, Sequence[str]]) -> dict[str
         tpl_id = "default" if list(defaults.get(str(data["dataset"]), ())) == templates else _hash_templates(templates)
     shots = int(data["shots"])
     views = proto.get("views")
+    # Results written before the protocol switch ran fewclip's protocol with fewclip's sampler.
+    name = str(proto.get("name") or "fewshot")
+    sampler = str(proto.get("sampler") or "fewclip")
+    sampler = "dassl" if sampler.startswith("import:") else sampler  # CoOp's saved draws are Dassl's draws
+    val_rule = _val_rule(proto.get("val_shots"), shots)
+    if name == "reference":
+        # Each method's recipe fixes its own val split and views: one reference protocol across methods.
+        val_rule, views = "recipe", None
     row: dict[str, Any] = {
         "dataset": str(data["dataset"]),
         "adapter": str(data["adapter"]),
@@ -129,10 +140,12 @@ def _parse_result(path: Path, defaults: Mapping[str, Sequence[str]]) -> dict[str
         "val_acc": _as_float(data.get("val_acc")),
         "test_acc": float(data["test_acc"]),
         "novel_acc": _as_float(novel_acc),
+        "protocol_name": name,
+        "sampler": sampler,
         "backbone_weights": proto.get("backbone_weights"),
         "templates": tpl_id,
         "split_source": proto.get("split_source"),
-        "val_shots": _val_rule(proto.get("val_shots"), shots),
+        "val_shots": val_rule,
         "views": None if views is None else int(views),
         "selection": proto.get("selection"),
         "subsample": str(subsample),
@@ -211,10 +224,18 @@ def published_path() -> Path:
     return Path(str(resources.files("fewclip").joinpath("published.csv")))
 
 
-def load_published(path: str | Path | None = None) -> pd.DataFrame:
-    """Published numbers: columns backbone, adapter, dataset, shots (NaN: any shot count), metric, value, source.
+PUBLISHED_TAGS = {"protocol": "reference", "val": "unknown", "extra_data": "none", "selection_on_test": "unknown",
+                  "seeds": "not stated"}
+"""Protocol tags of ``published.csv`` and what a table without them is taken to say (compared with nothing)."""
 
-    ``path`` None or "published" reads the packaged table; otherwise a CSV with the same columns.
+
+def load_published(path: str | Path | None = None) -> pd.DataFrame:
+    """Published numbers: columns backbone, adapter, dataset, shots (NaN: any shot count), metric, value, source,
+    and the protocol tags ``protocol`` (``reference``: the method's own recipe; ``any``: no selection at all, as
+    zero-shot), ``val``, ``extra_data``, ``selection_on_test``, ``seeds``.
+
+    ``path`` None or "published" reads the packaged table; otherwise a CSV with the same columns (missing tags
+    take the values of ``PUBLISHED_TAGS``, under which a row is never compared).
     """
     p = published_path() if path in (None, "published") else Path(path)
     try:
@@ -226,4 +247,6 @@ def load_published(path: str | Path | None = None) -> pd.DataFrame:
         raise ReportError(f"{p} lacks column(s) {sorted(missing)}")
     pub["shots"] = pd.to_numeric(pub["shots"], errors="coerce")
     pub["value"] = pd.to_numeric(pub["value"], errors="raise")
+    for tag, default in PUBLISHED_TAGS.items():
+        pub[tag] = pub[tag].fillna(default).astype(str) if tag in pub.columns else default
     return pub

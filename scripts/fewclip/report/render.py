@@ -35,10 +35,17 @@ def describe_protocol(fields: Mapping[str, Any], template_list: str | None = Non
     sub = fields.get("subsample")
     sub_text = {"all": "all classes", "base": "base classes (base-to-novel)", "new": "novel classes only"}.get(
         str(sub), s(sub))
-    return [f"backbone: {s(fields.get('backbone'))} (weights {s(fields.get('backbone_weights'))})",
+    proto = {"fewshot": "fewshot (fewclip's: every choice on min(K, 4) val images per class)",
+             "reference": "reference (each method's published recipe, conf/recipe/; val and views per recipe)"}
+    per_recipe = fields.get("protocol_name") == "reference"
+    val_text = "per recipe" if per_recipe else s(fields.get("val_shots"))
+    views_text = "per recipe" if per_recipe else s(fields.get("views"))
+    return [f"protocol: {proto.get(str(fields.get('protocol_name')), s(fields.get('protocol_name')))}; "
+            f"few-shot draw: {s(fields.get('sampler'))}",
+            f"backbone: {s(fields.get('backbone'))} (weights {s(fields.get('backbone_weights'))})",
             f"prompt templates: {tpl_text}",
-            f"split: {s(fields.get('split_source'))}; validation images per class: {s(fields.get('val_shots'))}; "
-            f"augmented views: {s(fields.get('views'))}; model selection: {s(fields.get('selection'))}; "
+            f"split: {s(fields.get('split_source'))}; validation images per class: {val_text}; "
+            f"augmented views: {views_text}; model selection: {s(fields.get('selection'))}; "
             f"classes: {sub_text}"]
 
 

@@ -94,10 +94,30 @@ def _canonical(dataset: str) -> str:
     return DATASET_ALIASES.get(dataset, dataset)
 
 
+def comparable_rows(rows: pd.DataFrame, protocol: str) -> tuple[pd.DataFrame, list[tuple[pd.DataFrame, str, str]]]:
+    """Published rows a run of ``protocol`` may be compared with, and the others as ``(rows, tag, reason)``.
+
+    Comparable: the row's protocol is the run's (``reference`` rows come from the methods' own recipes) or
+    ``any`` (nothing was selected, as zero-shot), no extra data, and nothing selected on test (fewclip never does).
+    """
+    other_protocol = ~rows["protocol"].isin([protocol, "any"])
+    extra = rows["extra_data"] != "none"
+    on_test = rows["selection_on_test"] != "no"
+    skipped = [(rows[other_protocol], "protocol", f"published under protocol '{{}}', this group ran "
+                f"protocol={protocol}" + (" (protocol=reference runs compare with them)" if protocol == "fewshot"
+                                          else "")),
+               (rows[~other_protocol & extra], "extra_data", "extra data: {}"),
+               (rows[~other_protocol & ~extra & on_test], "selection_on_test", "selection on test: {}")]
+    return rows[~other_protocol & ~extra & ~on_test], skipped
+
+
 class _Published:
     """Lookups into the published table for one protocol group (or none when not comparable)."""
 
-    def __init__(self, pub: pd.DataFrame | None, fields: Mapping[str, Any], notes: list[str]) -> None:
+    def __init__(self, pub: pd.DataFrame | None, fields: Mapping[str, Any], notes: list[str],
+                 adapters: Iterable[str] = ()) -> None:
+        from caches.weights_id import is_openai
+
         self.rows: pd.DataFrame | None = None
         if pub is None:
             return
@@ -109,10 +129,15 @@ class _Published:
                          f"{', '.join(have)}).")
             return
         weights = fields.get("backbone_weights")
-        if weights not in (None, "tag:openai"):
-            notes.append(f"Published numbers use OpenAI's weights; this group uses {weights}, so none are compared.")
+        if weights is not None and not is_openai(weights):
+            notes.append(f"Published numbers use OpenAI's weights (the openai tag, or a file with an OpenAI release "
+                         f"hash); this group uses {weights}, so none are compared.")
             return
-        self.rows = pub[pub["backbone"] == name]
+        rows = pub[(pub["backbone"] == name) & pub["adapter"].isin(list(adapters))]
+        self.rows, skipped = comparable_rows(rows, str(fields.get("protocol_name") or "fewshot"))
+        for part, tag, reason in skipped:
+            for (adapter, value), g in part.groupby(["adapter", tag]):
+                notes.append(f"Published {adapter} rows skipped ({len(g)}): {reason.format(value)}.")
         if fields.get("templates") not in (None, "default"):
             notes.append("This group uses custom prompt templates; the published numbers use each dataset's "
                          "standard templates, so deltas mix the two effects.")
@@ -122,7 +147,8 @@ class _Published:
             return math.nan, None
         r = self.rows[(self.rows["adapter"] == adapter) & (self.rows["metric"] == metric)
                       & ((self.rows["shots"] == shots) | self.rows["shots"].isna())]
-        for name in dict.fromkeys([dataset, _canonical(dataset)]):
+        # Exact dataset only: the published rows name their templates (imagenet: one, imagenet_ens: CLIP's 7).
+        for name in (dataset,):
             hit = r[r["dataset"] == name]
             if len(hit):
                 # An exact shot count beats a shot-independent row (zero-shot).
@@ -382,7 +408,7 @@ def build_report(df: pd.DataFrame, shots: Sequence[int] | None = None, published
 
     records: list[dict[str, Any]] = []
     for grp in groups:
-        pub = _Published(published, grp.fields, grp.notes)
+        pub = _Published(published, grp.fields, grp.notes, set(grp.runs["adapter"]))
         if grp.is_base_to_novel:
             records += _b2n_tables(grp, pub, ddof)
         else:
