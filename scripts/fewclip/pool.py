@@ -74,13 +74,15 @@ def grown_set(support: SupportSet, pool_keys: torch.Tensor, grown: Grown, index_
     return SupportSet(keys=keys, labels=torch.cat([support.labels, grown.labels]), views=views, index=index)
 
 
-def provenance(support_store: KVStore, pool_store: KVStore, grown: Grown, by: str) -> list[dict[str, Any]]:
+def provenance(support_store: KVStore, pool_store: KVStore, grown: Grown, by: str, classnames: list[str]
+               ) -> list[dict[str, Any]]:
     """``meta.csv`` rows of a grown support store: the shots, then the pool images with how they were chosen."""
     rows = [{"id": r.get("id", ""), "label": r.get("label", ""), "classname": r.get("classname", ""),
              "source": "shot", "by": "", "similarity": "", "confidence": ""} for r in support_store.meta]
     for r, y, s, c in zip(grown.rows.tolist(), grown.labels.tolist(), grown.similarity.tolist(),
                           grown.confidence.tolist()):
-        rows.append({"id": pool_store.meta[r].get("id", ""), "label": y, "classname": "", "source": "pool", "by": by,
+        rows.append({"id": pool_store.meta[r].get("id", ""), "label": y, "classname": classnames[y], "source": "pool",
+                     "by": by,
                      "similarity": f"{s:.6f}", "confidence": f"{c:.6f}"})
     return rows
 
@@ -134,7 +136,7 @@ def fit_with_pool(cfg: DictConfig, builder: CacheBuilder, dataset: ImageDataset,
 
         def build() -> tuple[dict[str, Any], dict[str, Any]]:
             return ({"keys": chosen_support.keys, "values": chosen_support.labels, "index": chosen_support.index.index,
-                     "meta": provenance(base, pool, grown, choice.by)},
+                     "meta": provenance(base, pool, grown, choice.by, list(dataset.classnames))},
                     {"pool_rows": len(grown)})
 
         stores["support"] = builder.derived(dataset, f"support-grown-k{cfg.shots}-s{cfg.seed}", spec, build)
