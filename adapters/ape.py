@@ -41,6 +41,11 @@ step (the same value; the fixed keys then need no gradient).
 **Text head.** The reference builds its text classifier from GPT-3 (CuPL) descriptions; fewclip uses the same text
 head as every other adapter (the run's templates), so the numbers here are comparable to the other methods and not
 to the paper's tables. Cache keys are the support store's view-averaged keys (the reference's 10 augmented passes).
+
+**Large caches** (``lookup``, as Tip-Adapter: ``adapters/topk.py``): training-free APE can read its cache through
+each query's k nearest *refined* keys, from a faiss index of the store's type (``cache.index``) built over the
+refined keys; the cache-text weights of those k keys apply as in the dense formula, and (beta, k, alpha, gamma) are
+searched on val. APE-T trains a residual on every key and always reads the cache densely.
 """
 
 from __future__ import annotations
@@ -55,7 +60,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit
-from adapters.tip import TipAdapter, alpha_accuracies, beta_alpha_grid, class_sum, label_block, linear_grid
+from adapters.tip import (
+    TipAdapter,
+    alpha_accuracies,
+    beta_alpha_grid,
+    class_sum,
+    label_block,
+    linear_grid,
+    topk_search,
+)
+from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, choose_lookup, k_values
 from adapters.training import TrainsOnFeatures
 
 log = logging.getLogger(__name__)
@@ -97,13 +111,19 @@ class APE(Adapter):
         channel_ratio: fraction of the channels kept (800 / 1024 in the reference).
         criterion_weights: ``(w_sim, w_var)``.
         chunk: queries per block when computing affinities.
+        lookup, topk, dense_max_keys: the cache lookup, as ``TipAdapter`` (top-k over the refined keys).
     """
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, gamma: float = 0.1, search: bool = True,
                  beta_max: float = 7.0, alpha_max: float = 7.0, gamma_max: float = 1.0, beta_steps: int = 200,
                  alpha_steps: int = 20, gamma_steps: int = 20, channel_ratio: float = REFERENCE_CHANNELS,
-                 criterion_weights: Sequence[float] = (0.7, 0.3), chunk: int = 2048) -> None:
+                 criterion_weights: Sequence[float] = (0.7, 0.3), chunk: int = 2048, lookup: str = "auto",
+                 topk: int | Sequence[int] = (16, 32, 64, 128, 256), dense_max_keys: int = DENSE_MAX_KEYS) -> None:
         super().__init__()
+        choose_lookup(lookup, 0)  # validates the mode
+        self.lookup, self.topk, self.dense_max_keys = str(lookup), topk, int(dense_max_keys)
+        self.lookup_mode, self.lookup_reason, self.k = "dense", "", 0
+        self.key_lookup: KeyLookup | None = None
         self.alpha, self.beta, self.gamma, self.search = float(alpha), float(beta), float(gamma), bool(search)
         self.beta_max, self.alpha_max, self.gamma_max = float(beta_max), float(alpha_max), float(gamma_max)
         self.beta_steps, self.alpha_steps, self.gamma_steps = int(beta_steps), int(alpha_steps), int(gamma_steps)
@@ -128,6 +148,17 @@ class APE(Adapter):
                                         self.channel_ratio)
         log.info("%s: %d of %d channels kept", type(self).__name__, len(self.channels), keys.shape[1])
         self.build_cache(keys)
+        self.lookup_mode, self.lookup_reason = choose_lookup(self.lookup, len(self.values), self.dense_max_keys)
+        if self.lookup_mode == "topk":
+            self.k = k_values(self.topk, len(self.values))[-1]
+            # The refined keys are not the store's: an index of the store's type is built over them.
+            self.key_lookup = KeyLookup(ctx.support.index, same_keys=False)
+
+    def lookup_record(self) -> dict[str, Any] | None:
+        record: dict[str, Any] = {"mode": self.lookup_mode, "reason": self.lookup_reason, "n_keys": len(self.values)}
+        if self.lookup_mode == "topk" and self.key_lookup is not None:
+            record.update(k=self.k, searched="refined keys", **self.key_lookup.describe(self.k))
+        return record
 
     def build_cache(self, keys: torch.Tensor) -> None:
         """Refined keys ``[N, k]`` and each key's KL divergence from the text head ``[N]``."""
@@ -168,6 +199,10 @@ class APE(Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D] -> [B, C]``."""
         weights = self.value_weights(self.gamma)
+        if self.lookup_mode == "topk":
+            scores, rows = self.key_lookup.neighbours(self.refine(x), self.keys, self.k)
+            cache = affinity_class_sum(scores, self.values[rows], self.text_head.shape[0], self.beta, weights[rows])
+            return torch.add(self.text_logits(x), cache, alpha=self.alpha)
         cache = torch.cat([self.cache_logits(self.shifted_affinity(x[i : i + self.chunk]), self.beta, weights)
                            for i in range(0, x.shape[0], self.chunk)])
         # The same fused kernel the search scores with (see tip.alpha_accuracies).
@@ -181,7 +216,8 @@ class APE(Adapter):
                 "gamma": linear_grid(0.0, self.gamma_max, self.gamma_steps)}
 
     def hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma}
+        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
+                **({"k": self.k} if self.lookup_mode == "topk" else {})}
 
     @torch.no_grad()
     def tune(self, val: FeatureSplit) -> dict[str, Any]:
@@ -194,6 +230,8 @@ class APE(Adapter):
         grid = self.hparam_grid()
         if not grid:
             return {"method": "fixed", "on": "none"}
+        if self.lookup_mode == "topk":
+            return self.tune_topk(val, grid)
         (self.beta, self.alpha, self.gamma), best_acc, _ = self._search(val, grid)
         log.info("%s search on val: %s -> %.2f%%", type(self).__name__, self.hparams(), best_acc)
         size = len(grid["beta"]) * len(grid["alpha"]) * len(grid.get("gamma", [self.gamma]))
@@ -238,6 +276,21 @@ class APE(Adapter):
         timing = {"prepare_s": prepared - start, "per_beta_s": (time.perf_counter() - prepared) / max(1, len(betas))}
         return best, best_acc, timing
 
+    @torch.no_grad()
+    def tune_topk(self, val: FeatureSplit, grid: dict[str, list[float]]) -> dict[str, Any]:
+        """(beta, k, alpha, gamma) on val with the top-k cache: each query's k_max nearest refined keys, once."""
+        feats = val.features.to(self.text_head.device).float()
+        ks = k_values(self.topk, len(self.values))
+        scores, rows = self.key_lookup.neighbours(self.refine(feats), self.keys, ks[-1])
+        gammas = grid.get("gamma", [self.gamma])
+        (self.beta, self.k, self.alpha, g), best_acc = topk_search(
+            self.text_logits(feats), scores, self.values[rows], val.labels.to(feats.device), grid["beta"],
+            grid["alpha"], ks, [self.value_weights(gamma)[rows] for gamma in gammas])
+        self.gamma = gammas[g]
+        log.info("%s top-k search on val: %s -> %.2f%%", type(self).__name__, self.hparams(), best_acc)
+        return {"method": "grid over top-k neighbours (found once, k_max)", "on": "val", "k_values": ks,
+                "grid_size": len(grid["beta"]) * len(grid["alpha"]) * len(gammas) * len(ks), "val_acc": best_acc}
+
 
 class APET(TrainsOnFeatures, APE):
     """APE-T: a trained category residual on the selected channels and trained per-key value weights.
@@ -257,7 +310,7 @@ class APET(TrainsOnFeatures, APE):
                  chunk: int = 2048, **train_kwargs: Any) -> None:
         APE.__init__(self, alpha=alpha, beta=beta, gamma=0.0, search=search, beta_max=beta_max, alpha_max=alpha_max,
                      beta_steps=beta_steps, alpha_steps=alpha_steps, channel_ratio=channel_ratio,
-                     criterion_weights=criterion_weights, chunk=chunk)
+                     criterion_weights=criterion_weights, chunk=chunk, lookup="dense")  # trains every key
         self.init_training(train_kwargs)
         self.residual: nn.Parameter | None = None
         self.value_scale: nn.Parameter | None = None

@@ -49,12 +49,15 @@ class SupportSet:
     """The few-shot cache.
 
     ``keys [N, D]``: view-averaged, renormalised features; ``labels [N]`` int64;
-    ``views [A, N, D]``: per-view features (None when the store keeps none).
+    ``views [A, N, D]``: per-view features (None when the store keeps none);
+    ``index``: the store's searchable faiss index over ``keys`` (``caches.search.KeyIndex``; None when there is no
+    store, e.g. in tests: adapters that search then build a flat one).
     """
 
     keys: torch.Tensor
     labels: torch.Tensor
     views: torch.Tensor | None = None
+    index: Any = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -134,6 +137,11 @@ class Adapter(nn.Module, ABC):
         class). Methods whose learned state does not depend on the classes (prompt contexts, image-side
         adapters) return the tensors to load into a fresh instance set up for the new classes.
         """
+        return None
+
+    def lookup_record(self) -> dict[str, Any] | None:
+        """How the adapter reads its cache (``dense`` or ``topk``, with the index and k), for ``result.json``;
+        None for adapters without a cache."""
         return None
 
     def hparam_grid(self) -> dict[str, Sequence[Any]]:

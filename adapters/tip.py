@@ -6,17 +6,26 @@ with K the cache keys (view-averaged support features) and V their one-hot label
 ``A V`` is a per-class sum of the affinity columns, so it is computed with ``index_add`` over the key axis
 instead of a dense ``[N, C]`` matmul. alpha and beta are searched on val only, on the reference's grid
 (beta in [0.1, beta_max), alpha in [0.1, alpha_max), 200 x 20 steps).
+
+**Large caches** (``lookup``, ``adapters/topk.py``): above ``dense_max_keys`` keys (``lookup: auto``), or always with
+``lookup: topk``, each query's affinity is taken over its k nearest keys only, found through the support store's
+faiss index (``cache.index``) and rescored exactly. k is searched on val with (beta, alpha) when ``topk`` lists several
+values, or set by a single value; k = N is the dense formula. This departs from the paper, which always uses every
+key: for small beta the far keys' terms are not negligible, so top-k Tip is its own (val-tuned) variant of the
+method. ``lookup_record`` says which path ran.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit
+from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, choose_lookup, k_values
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +99,30 @@ def alpha_accuracies(zs: torch.Tensor, cache: torch.Tensor, labels: torch.Tensor
     return correct.cpu().double() * 100.0 / labels.numel()
 
 
+def topk_search(zs: torch.Tensor, scores: torch.Tensor, row_labels: torch.Tensor, labels: torch.Tensor,
+                betas: Sequence[float], alphas: Sequence[float], ks: Sequence[int],
+                row_weights: Sequence[torch.Tensor | None] = (None,)) -> tuple[tuple[float, int, float, int], float]:
+    """The first best ``(beta, k, alpha, weights index)`` of the top-k cache logits on val, and its accuracy.
+
+    ``zs [Q, C]`` are the other logits; ``scores``/``row_labels`` ``[Q, k_max]`` each query's best keys (best first);
+    ``row_weights``: candidate per-neighbour weights ``[Q, k_max]`` (APE's gammas), None for none. Order: beta, then k
+    (ascending), then alpha, then the weights, the first best winning ties.
+    """
+    n_cls = zs.shape[1]
+    alpha_t = torch.tensor(list(alphas), dtype=torch.float32)
+    best_acc, best = -1.0, (float(betas[0]), int(ks[0]), float(alphas[0]), 0)
+    for beta in betas:
+        for k in ks:
+            accs = torch.stack([alpha_accuracies(zs, affinity_class_sum(
+                scores[:, :k], row_labels[:, :k], n_cls, beta, None if w is None else w[:, :k]), labels, alpha_t)
+                for w in row_weights], dim=1).reshape(-1)  # alpha-major, weights innermost
+            j = int(accs.argmax())
+            if float(accs[j]) > best_acc:
+                best_acc = float(accs[j])
+                best = (float(beta), int(k), float(alphas[j // len(row_weights)]), j % len(row_weights))
+    return best, best_acc
+
+
 class TipAdapter(Adapter):
     """Training-free Tip-Adapter.
 
@@ -101,12 +134,20 @@ class TipAdapter(Adapter):
         beta_steps, alpha_steps: grid sizes (Tip-Adapter's ``search_step``).
         chunk: queries per block when computing affinities (bounds memory at ``chunk x N`` floats).
         memory_budget_gb: keep the val affinities ``[Q, N]`` in memory during the search when they fit.
+        lookup: ``dense`` (every key), ``topk`` (each query's k nearest keys, through faiss) or ``auto`` (top-k above
+            ``dense_max_keys`` keys).
+        topk: k, or several k to search on val (each capped at N).
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
                  alpha_max: float = 3.0, beta_steps: int = 200, alpha_steps: int = 20,
-                 chunk: int = 2048, memory_budget_gb: float = 4.0) -> None:
+                 chunk: int = 2048, memory_budget_gb: float = 4.0, lookup: str = "auto",
+                 topk: int | Sequence[int] = (16, 32, 64, 128, 256), dense_max_keys: int = DENSE_MAX_KEYS) -> None:
         super().__init__()
+        choose_lookup(lookup, 0)  # validates the mode
+        self.lookup, self.topk, self.dense_max_keys = str(lookup), topk, int(dense_max_keys)
+        self.lookup_mode, self.lookup_reason, self.k = "dense", "", 0
+        self.key_lookup: KeyLookup | None = None
         self.memory_budget_gb = float(memory_budget_gb)
         self.block = 0  # K when the cache is K-per-class in class order (set by setup)
         self.alpha, self.beta, self.search = float(alpha), float(beta), bool(search)
@@ -120,6 +161,27 @@ class TipAdapter(Adapter):
         self.keys = ctx.support.keys.float().to(ctx.device)
         self.values = ctx.support.labels.to(ctx.device)
         self.block = label_block(self.values, ctx.n_classes)
+        self.lookup_mode, self.lookup_reason = choose_lookup(self.lookup, len(self.values), self.dense_max_keys)
+        if self.lookup_mode == "topk":
+            self.k = k_values(self.topk, len(self.values))[-1]
+            # Tip-F trains its keys: they stop being the store's, and the index is rebuilt over them.
+            self.key_lookup = KeyLookup(ctx.support.index, same_keys=not self.trainable)
+
+    @property
+    def uses_topk(self) -> bool:
+        """The cache is read through each query's k nearest keys (see ``lookup``)."""
+        return self.lookup_mode == "topk"
+
+    def lookup_record(self) -> dict[str, Any] | None:
+        record: dict[str, Any] = {"mode": self.lookup_mode, "reason": self.lookup_reason, "n_keys": len(self.values)}
+        if self.uses_topk and self.key_lookup is not None:
+            record.update(k=self.k, **self.key_lookup.describe(self.k))
+        return record
+
+    def topk_cache_logits(self, features: torch.Tensor, beta: float) -> torch.Tensor:
+        """The cache term over each query's ``self.k`` nearest keys: ``[B, D] -> [B, C]``."""
+        scores, rows = self.key_lookup.neighbours(features.float(), self.keys, self.k)
+        return affinity_class_sum(scores, self.values[rows], self.text_head.shape[0], beta)
 
     def hparam_grid(self) -> dict[str, list[float]]:
         if not self.search:
@@ -127,10 +189,12 @@ class TipAdapter(Adapter):
         return beta_alpha_grid(self.beta_max, self.beta_steps, self.alpha_max, self.alpha_steps)
 
     def hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "beta": self.beta}
+        return {"alpha": self.alpha, "beta": self.beta, **({"k": self.k} if self.uses_topk else {})}
 
     def cache_logits(self, features: torch.Tensor, beta: float) -> torch.Tensor:
         """``exp(-beta (1 - f K^T)) V``: ``[B, D] -> [B, C]`` (one-hot V as a per-class sum)."""
+        if self.uses_topk:
+            return self.topk_cache_logits(features, beta)
         n_cls = self.text_head.shape[0]
         out = []
         for i in range(0, features.shape[0], self.chunk):
@@ -154,6 +218,8 @@ class TipAdapter(Adapter):
         grid = self.hparam_grid()
         if not grid:
             return {"method": "fixed", "on": "none"}
+        if self.uses_topk:
+            return self.tune_topk(val, grid)
         (self.beta, self.alpha), best_acc, _ = self._search(val, grid)
         log.info("Tip-Adapter search on val: beta=%.3f alpha=%.3f -> %.2f%%", self.beta, self.alpha, best_acc)
         return {"method": "grid (affinities once, all alphas per beta)", "on": "val",
@@ -197,3 +263,18 @@ class TipAdapter(Adapter):
                 best_acc, best = float(accs[j]), (beta, grid["alpha"][j])
         timing = {"prepare_s": prepared - start, "per_beta_s": (time.perf_counter() - prepared) / max(1, len(betas))}
         return best, best_acc, timing
+
+    @torch.no_grad()
+    def tune_topk(self, val: FeatureSplit, grid: dict[str, list[float]]) -> dict[str, Any]:
+        """(beta, k, alpha) on val with the top-k cache: each val query's k_max nearest keys are found once."""
+        feats = val.features.to(self.text_head.device).float()
+        ks = k_values(self.topk, len(self.values))
+        scores, rows = self.key_lookup.neighbours(feats, self.keys, ks[-1])
+        (self.beta, self.k, self.alpha, _), best_acc = topk_search(
+            self.zero_shot_logits(feats), scores, self.values[rows], val.labels.to(feats.device), grid["beta"],
+            grid["alpha"], ks)
+        log.info("Tip-Adapter top-k search on val: beta=%.3f k=%d alpha=%.3f -> %.2f%%", self.beta, self.k,
+                 self.alpha, best_acc)
+        return {"method": "grid over top-k neighbours (found once, k_max)", "on": "val",
+                "grid_size": len(grid["beta"]) * len(grid["alpha"]) * len(ks), "val_acc": best_acc,
+                "k_values": ks}

@@ -4,16 +4,22 @@ Tip-Adapter with the cache keys turned into a trainable ``[N, D]`` parameter ini
 with cross-entropy on the Tip logits (AdamW lr 1e-3, eps 1e-4, cosine, 20 epochs, batch 256). After training,
 (beta, alpha) are searched on val exactly like the training-free version. Unlike the reference, which keeps the
 epoch with the best *test* accuracy, the epoch is chosen on val.
+
+With a large cache (``lookup``, see ``adapters/tip.py``) training and the epoch choice use every key (the dense
+formula, whose gradient reaches every key); afterwards a faiss index of the cache's type is built over the trained
+keys and (beta, k, alpha) are searched and predictions made through each query's k nearest trained keys.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from adapters.base import AdapterContext
+from adapters.base import AdapterContext, FeatureSplit, SupportSet
 from adapters.tip import TipAdapter
+from adapters.topk import DENSE_MAX_KEYS
 from adapters.training import TrainsOnFeatures
 
 
@@ -22,11 +28,15 @@ class TipAdapterF(TrainsOnFeatures, TipAdapter):
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
                  alpha_max: float = 3.0, beta_steps: int = 200, alpha_steps: int = 20, chunk: int = 2048,
-                 memory_budget_gb: float = 4.0, **train_kwargs: Any) -> None:
+                 memory_budget_gb: float = 4.0, lookup: str = "auto",
+                 topk: int | Sequence[int] = (16, 32, 64, 128, 256), dense_max_keys: int = DENSE_MAX_KEYS,
+                 **train_kwargs: Any) -> None:
         TipAdapter.__init__(self, alpha=alpha, beta=beta, search=search, beta_max=beta_max, alpha_max=alpha_max,
                             beta_steps=beta_steps, alpha_steps=alpha_steps, chunk=chunk,
-                            memory_budget_gb=memory_budget_gb)
+                            memory_budget_gb=memory_budget_gb, lookup=lookup, topk=topk,
+                            dense_max_keys=dense_max_keys)
         self.init_training(train_kwargs)
+        self._fitting = False
 
     def setup(self, ctx: AdapterContext) -> None:
         super().setup(ctx)
@@ -34,3 +44,15 @@ class TipAdapterF(TrainsOnFeatures, TipAdapter):
         keys = self.keys.detach().clone()
         del self.keys
         self.keys = nn.Parameter(keys)
+
+    @property
+    def uses_topk(self) -> bool:
+        # Dense while training (gradients reach every key); top-k over the trained keys afterwards.
+        return self.lookup_mode == "topk" and not self._fitting
+
+    def fit(self, train: SupportSet, val: FeatureSplit) -> dict[str, Any]:
+        self._fitting = True
+        try:
+            return super().fit(train, val)
+        finally:
+            self._fitting = False

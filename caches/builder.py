@@ -39,6 +39,7 @@ from caches.data.pixels import PixelSplit
 from caches.data.records import ImageDataset, Sample, sample_stamp
 from caches.locks import file_lock
 from caches.progress import Progress
+from caches.search import DEFAULT_INDEX, check_factory, is_flat
 from caches.store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -92,6 +93,12 @@ def note_old_format(path: Path) -> None:
             log.warning("%s was written by an older fewclip (store format %s, this one writes %s) and is not "
                         "used: building %s instead. Old stores can be deleted (fewclip cache verify lists them)",
                         old, version, FORMAT_VERSION, path.name)
+
+
+def index_spec(index: str, dim: int) -> dict[str, str]:
+    """The ``index`` field of a store spec: absent for the default ``Flat`` (so that the fingerprints of flat stores
+    are those of stores written before indexes were configurable), else the checked factory string."""
+    return {} if is_flat(index) else {"index": check_factory(index, dim)}
 
 
 class _Pixels(Dataset):
@@ -323,11 +330,13 @@ class CacheBuilder:
 
     # ------------------------------------------------------------------ stores
     def support(self, dataset: ImageDataset, samples: Sequence[Sample], shots: int, seed: int,
-                views: int = 10, aug: AugmentSpec | None = None) -> KVStore:
+                views: int = 10, aug: AugmentSpec | None = None, index: str = DEFAULT_INDEX) -> KVStore:
         """The few-shot cache: A augmented views per image, keys = renormalised view mean.
 
         Args:
             samples: the sampled support images (K per class).
+            index: faiss factory string of the keys' index (``caches.search``); part of the fingerprint unless
+                ``Flat``.
         """
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
@@ -337,6 +346,7 @@ class CacheBuilder:
             "kind": "support", "split": "train", "backbone": self.backbone.describe(),
             "dataset": dataset.describe(), "ids": ids_digest(ids), "data": dataset.sample_digest(samples),
             "shots": shots, "seed": seed, "views": views, "view_seed": VIEW_SEED, "augmentation": aug.as_dict(),
+            **index_spec(index, self.backbone.dim),
         }
         path = self.store_path(dataset, f"support-train-k{shots}-s{seed}-v{views}", spec)
         image_spec = self.backbone.image_spec
@@ -363,14 +373,15 @@ class CacheBuilder:
 
         return self._get_or_build(path, spec, build)
 
-    def features(self, dataset: ImageDataset, split: str, samples: Sequence[Sample]) -> KVStore:
+    def features(self, dataset: ImageDataset, split: str, samples: Sequence[Sample],
+                 index: str = DEFAULT_INDEX) -> KVStore:
         """Eval features of ``samples`` (eval transform, no augmentation). Unreadable images are skipped,
-        counted in the manifest (``skipped``) and logged."""
+        counted in the manifest (``skipped``) and logged. ``index``: as ``support`` (pools are searched)."""
         ids = [s.id for s in samples]
         spec = {
             "kind": "features", "split": split, "backbone": self.backbone.describe(),
             "dataset": dataset.describe(), "ids": ids_digest(ids), "data": dataset.sample_digest(samples),
-            "transform": "resize+center_crop",
+            "transform": "resize+center_crop", **index_spec(index, self.backbone.dim),
         }
         path = self.store_path(dataset, f"features-{split}", spec)
         tf = eval_transform(self.backbone.image_spec)
@@ -394,6 +405,12 @@ class CacheBuilder:
                     {"skipped": skipped, "skipped_at": skipped_at})
 
         return self._get_or_build(path, spec, build)
+
+    def derived(self, dataset: ImageDataset, stem: str, spec: dict[str, Any],
+                build: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> KVStore:
+        """A store computed from other stores (e.g. a support set grown from a pool): loaded when its directory
+        holds a valid one for ``spec``, else ``build()`` -> (``KVStore.write`` arguments, extra manifest fields)."""
+        return self._get_or_build(self.store_path(dataset, stem, spec), spec, build)
 
     def text(self, dataset: ImageDataset) -> KVStore:
         """The zero-shot text head ``[C, D]`` (template ensemble), values = class index.

@@ -1,9 +1,10 @@
 """On-disk key-value stores of CLIP features (the format is described in ``caches/FORMAT.md``).
 
 A store is a directory: ``manifest.json`` + ``keys.faiss`` (inner-product index over float32 L2-normalised
-keys) + ``values.npy`` (int64 labels) + ``meta.csv`` + either ``views.npy`` (per-view features) or
-``view_rows.npy`` (where in the feature bank its per-view features are: support stores do not copy them).
-Its name ends in the fingerprint of everything that produced it.
+keys, of the type the spec's ``index`` factory string names, ``Flat`` when absent) + ``keys.npy`` (the exact keys,
+only when that index compresses them: PQ, SQ) + ``values.npy`` (int64 labels) + ``meta.csv`` + either ``views.npy``
+(per-view features) or ``view_rows.npy`` (where in the feature bank its per-view features are: support stores do
+not copy them). Its name ends in the fingerprint of everything that produced it.
 
 Verification has two levels:
 
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from caches.backbone import sha256_file
+from caches.search import DEFAULT_INDEX, KeyIndex, build_index, index_kind, reconstruct_exact
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,12 @@ FORMAT_VERSION = 2
 LEGACY_VERSIONS = (1,)  # still readable (full sha256 on every load), never written: e.g. stores inside artifacts
 MANIFEST = "manifest.json"
 KEYS = "keys.faiss"
+EXACT_KEYS = "keys.npy"  # beside an index whose codes are lossy (PQ, SQ): keys() must stay exact
 VALUES = "values.npy"
 VIEWS = "views.npy"
 VIEW_ROWS = "view_rows.npy"
 META = "meta.csv"
-INDEX_TYPE = "IndexFlatIP"
+INDEX_TYPE = "IndexFlatIP"  # the class of a Flat index, the default (and format 1's only) type
 DIGEST_FIELD = "manifest_sha256"
 # Manifest fields every store has; anything else (e.g. ``skipped``) came in through ``write(extra=...)``.
 BASE_FIELDS = ("format_version", "fingerprint", "spec", "n", "dim", "views", "index", "files", "versions",
@@ -107,10 +110,6 @@ def _canonical_digest(obj: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def faiss_has_gpu() -> bool:
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0
 
 
 def _versions() -> dict[str, str]:
@@ -373,7 +372,7 @@ class KVStore:
         self._views = views
         self._bank_views = bank_views  # (chunk views.npy paths, [N, 2] rows), gathered on first use
         self.meta = meta
-        self._gpu_index = None
+        self._exact_keys: np.ndarray | None = None  # keys.npy (memory-mapped) when the index compresses the keys
 
     @property
     def fingerprint(self) -> str:
@@ -389,8 +388,16 @@ class KVStore:
             self._views = gather_rows(*self._bank_views, int(self.manifest["views"]), int(self.manifest["dim"]))
         return self._views
 
+    @property
+    def index_factory(self) -> str:
+        """The faiss factory string of ``keys.faiss`` (``Flat`` unless the spec names another)."""
+        return str(self.manifest["spec"].get("index", DEFAULT_INDEX))
+
     def keys(self) -> torch.Tensor:
-        """``[N, D]`` float32 keys (reconstructed from the flat index, which stores them exactly)."""
+        """``[N, D]`` float32 keys, exact: reconstructed from an index that stores them as they are (Flat, HNSW,
+        IVF-Flat), or read from ``keys.npy`` beside one that compresses them (PQ, SQ)."""
+        if self._exact_keys is not None:
+            return torch.from_numpy(np.array(self._exact_keys))
         n = self.index.ntotal
         if n == 0:
             return torch.empty(0, self.index.d)
@@ -412,27 +419,23 @@ class KVStore:
         """True when the per-view features live in a feature bank (``copy_to`` makes a self-contained copy)."""
         return "bank_views" in self.manifest
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k nearest keys by inner product: ``[B, D] -> ([B, k] scores, [B, k] row ids)``.
+    def searcher(self, params: str = "", use_gpu: bool = True) -> KeyIndex:
+        """The keys' index, searchable (on every GPU, sharded, when faiss has GPU support and CUDA is present).
 
-        Runs on a faiss GPU index when faiss has GPU support and CUDA is present.
+        Args:
+            params: faiss search settings (``nprobe=64``, ``efSearch=256``); ``""`` for ``search.default_params``.
         """
-        index = self.index
-        if faiss_has_gpu():
-            import faiss
+        return KeyIndex(self.index, self.index_factory, params=params, use_gpu=use_gpu)
 
-            if self._gpu_index is None:
-                self._gpu_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
-            index = self._gpu_index
-        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        scores, ids = index.search(q, k)
-        return torch.from_numpy(scores), torch.from_numpy(ids)
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k nearest keys by inner product: ``[B, D] -> ([B, k] scores, [B, k] row ids)`` (see ``searcher``)."""
+        return self.searcher().search(queries, k)
 
     def copy_to(self, path: str | os.PathLike) -> KVStore:
         """A self-contained copy at ``path`` (same spec and fingerprint; per-view features copied in)."""
         extra = {k: v for k, v in self.manifest.items() if k not in BASE_FIELDS}
         return KVStore.write(path, self.manifest["spec"], self.keys(), self.labels(), views=self.view_features(),
-                             meta=self.meta, extra=extra)
+                             meta=self.meta, extra=extra, index=self.index)
 
     # ------------------------------------------------------------------ writing
     @classmethod
@@ -446,6 +449,7 @@ class KVStore:
         meta: Sequence[dict[str, Any]] | None = None,
         extra: dict[str, Any] | None = None,
         bank_rows: BankRows | None = None,
+        index: Any = None,
     ) -> KVStore:
         """Write a store atomically and return it (from memory: nothing is read back or hashed twice).
 
@@ -459,8 +463,11 @@ class KVStore:
             meta: optional rows (dicts with the same keys) for ``meta.csv``.
             extra: more manifest fields that are not part of the fingerprint (counts, timings).
             bank_rows: where the per-view features live in a feature bank (support stores).
+            index: a faiss index over exactly these keys, built from ``spec["index"]`` (``copy_to`` passes its
+                own); by default it is built here (and trained on the keys when the type needs it).
         Raises:
             CacheWriteError: the directory cannot be written (disk full, read-only, no permission).
+            IndexSpecError: ``spec["index"]`` is not a factory string faiss can build on these keys.
         """
         import faiss
 
@@ -489,9 +496,13 @@ class KVStore:
             bank_record = {"bank": bank_rows.bank.name, "chunks": [c.as_dict() for c in bank_rows.chunks]}
         # meta.csv has a line per row even without metadata, so its row count can be checked on load.
         rows_text, meta_rows = _csv_text(list(meta) if meta else [{} for _ in range(n)])
-        index = faiss.IndexFlatIP(dim)
-        if n:
-            index.add(keys_np)
+        factory = str(spec.get("index", DEFAULT_INDEX))
+        if index is None:
+            index = build_index(keys_np, factory)
+        elif index.ntotal != n or index.d != dim:
+            raise ValueError(f"the index holds {index.ntotal} x {index.d} keys, not {n} x {dim}")
+        # An index that compresses the keys (PQ, SQ) cannot give them back: they are kept exactly beside it.
+        exact_keys = None if reconstruct_exact(index, keys_np) else keys_np
 
         with cache_writes(final.parent):
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -502,6 +513,8 @@ class KVStore:
                     VALUES: _write_blocks(tmp / VALUES, _npy_blocks(values_np)),
                     META: _write_blocks(tmp / META, iter([rows_text.encode()])),
                 }
+                if exact_keys is not None:
+                    files[EXACT_KEYS] = _write_blocks(tmp / EXACT_KEYS, _npy_blocks(exact_keys))
                 if bank_rows is not None:
                     files[VIEW_ROWS] = _write_blocks(tmp / VIEW_ROWS,
                                                      _npy_blocks(bank_rows.rows.astype(np.int64)))
@@ -514,7 +527,7 @@ class KVStore:
                     "n": int(n),
                     "dim": int(dim),
                     "views": int(n_views),
-                    "index": INDEX_TYPE,
+                    "index": index_kind(index),
                     "files": files,
                     "versions": _versions(),
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -540,7 +553,9 @@ class KVStore:
         bank_views = None
         if bank_rows is not None:
             bank_views = ([bank_rows.bank / c.name / VIEWS for c in bank_rows.chunks], bank_rows.rows)
-        return cls(final, manifest, index, values_np, views_np, meta_rows, bank_views)
+        store = cls(final, manifest, index, values_np, views_np, meta_rows, bank_views)
+        store._exact_keys = exact_keys
+        return store
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -563,8 +578,9 @@ class KVStore:
         n, dim, a = manifest.get("n"), manifest.get("dim"), manifest.get("views", 0)
         if not all(isinstance(x, int) and x >= 0 for x in (n, dim, a)):
             raise StoreError(f"{d}: manifest n={n!r}, dim={dim!r}, views={a!r} are not counts")
-        if manifest.get("index", INDEX_TYPE) != INDEX_TYPE:
-            raise StoreError(f"{d}: index type {manifest.get('index')!r}, expected {INDEX_TYPE}")
+        kind = manifest.get("index", INDEX_TYPE)
+        if kind != INDEX_TYPE and "index" not in manifest["spec"]:
+            raise StoreError(f"{d}: index type {kind!r}, but its spec names no index (expected {INDEX_TYPE})")
         bank_record = manifest.get("bank_views")
         required = [KEYS, VALUES, META] + ([VIEW_ROWS] if bank_record else [VIEWS] if a else [])
         listed = manifest.get("files")
@@ -579,8 +595,15 @@ class KVStore:
                 meta = list(csv.DictReader(f))
         except (RuntimeError, ValueError, OSError, csv.Error, UnicodeDecodeError) as e:
             raise StoreError(f"{d}: unreadable store file ({e})") from e
-        if type(index).__name__ != INDEX_TYPE:
-            raise StoreError(f"{d}: {KEYS} holds a {type(index).__name__}, expected {INDEX_TYPE}")
+        if index_kind(index) != kind or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise StoreError(f"{d}: {KEYS} holds a {index_kind(index)} (metric {index.metric_type}), the manifest "
+                             f"says {kind} (inner product)")
+        exact_keys = None
+        if EXACT_KEYS in listed:
+            exact_keys = np.load(d / EXACT_KEYS, allow_pickle=False, mmap_mode="r")
+            if exact_keys.shape != (n, dim) or exact_keys.dtype != np.float32:
+                raise StoreError(f"{d}: {EXACT_KEYS} is {exact_keys.shape} {exact_keys.dtype}, the manifest says "
+                                 f"[{n}, {dim}] float32")
         if index.ntotal != n or values.shape != (n,) or values.dtype != np.int64 or (len(meta) != n and not legacy):
             raise StoreError(f"{d}: {index.ntotal} keys, values {values.shape} {values.dtype}, {len(meta)} meta "
                              f"rows; the manifest says {n}")
@@ -596,7 +619,9 @@ class KVStore:
             if views.shape != (a, n, dim) or views.dtype != np.float32:
                 raise StoreError(f"{d}: views are {views.shape} {views.dtype}, the manifest says "
                                  f"[{a}, {n}, {dim}] float32")
-        return cls(d, manifest, index, values, views, meta, bank_views)
+        store = cls(d, manifest, index, values, views, meta, bank_views)
+        store._exact_keys = exact_keys
+        return store
 
 
 # ---------------------------------------------------------------------------------------------- maintenance

@@ -206,6 +206,9 @@ class Auto(Adapter):
     def new_class_state(self) -> dict[str, torch.Tensor] | None:
         return None  # the choice depends on the classes it was made for
 
+    def lookup_record(self) -> dict[str, Any] | None:
+        return self.chosen.lookup_record() if self.chosen is not None else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` -> ``[B, C]``: the chosen candidate's logits."""
         if self.chosen is None:

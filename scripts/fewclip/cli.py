@@ -97,7 +97,7 @@ def _run_hydra(overrides: list[str]) -> int:
     import hydra
 
     from fewclip import sweep
-    from fewclip.config import conf_dir, register_schema
+    from fewclip.config import conf_dir, expand_shorthands, register_schema
 
     if (done := completion.handle(overrides)) is not None:
         return done
@@ -112,7 +112,7 @@ def _run_hydra(overrides: list[str]) -> int:
         return task(cfg)
 
     main_fn = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(job)
-    sys.argv = ["fewclip run", *overrides]
+    sys.argv = ["fewclip run", *expand_shorthands(overrides)]
     # Hydra prints its own errors and exits 1; with HYDRA_FULL_ERROR they reach us, and a config error (bad
     # override, unknown option, missing value) becomes one line and exit 2, as every other bad input.
     previous = os.environ.get("HYDRA_FULL_ERROR")

@@ -39,6 +39,21 @@ class AugmentConfig:
 
 
 @dataclass
+class CacheConfig:
+    index: str = "Flat"  # faiss index factory string of the support cache's keys (HNSW32, IVF1024,Flat, ...)
+    search_params: str = ""  # faiss search settings (nprobe=64, efSearch=256); "" for caches.search.default_params
+
+
+@dataclass
+class PoolConfig:
+    path: Any = None  # a folder or CSV (path column) of unlabeled images; pool=PATH is short for pool.path=PATH
+    per_class: Any = field(default_factory=lambda: [0, 4, 8, 16, 32])  # images added per class, chosen on val
+    by: Any = field(default_factory=lambda: ["text", "image", "both"])  # retrieval query, chosen on val
+    threshold: Any = field(default_factory=lambda: [0.0, 0.5])  # min zero-shot probability of the pseudo-label
+    index: str = "Flat"  # faiss index factory string of the pool's features
+
+
+@dataclass
 class RunConfig:
     backbone: Any = MISSING
     dataset: Any = MISSING
@@ -59,6 +74,8 @@ class RunConfig:
     sweep_name: str = "default"  # sweeps write to outputs/sweeps/<sweep_name>/ (set by conf/sweep/*.yaml)
     protocol: str = "fewshot"  # fewshot | reference (each method's published recipe: conf/recipe/<adapter>.yaml)
     fewshot: Any = field(default_factory=fewshot_defaults)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -178,8 +195,14 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
+def expand_shorthands(overrides: list[str]) -> list[str]:
+    """``pool=PATH`` -> ``pool.path=PATH`` (the pool's other settings live under ``pool.``)."""
+    return [f"pool.path={o[5:]}" if o.startswith("pool=") else o for o in overrides]
+
+
 def compose(overrides: list[str]) -> Any:
     """Compose the run config outside ``@hydra.main`` (``fewclip fit``, ``demo``, tests, notebooks)."""
+    overrides = expand_shorthands(list(overrides))
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig

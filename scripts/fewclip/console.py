@@ -18,12 +18,13 @@ def user_error(e: BaseException) -> BaseException | None:
     """The bad-input error behind ``e`` (Hydra wraps errors raised while instantiating), or None."""
     from caches.backbone import BackboneConfigError, UnsupportedBackboneError, WeightsUnavailableError
     from caches.data.records import DatasetError
+    from caches.search import IndexSpecError
     from caches.store import StoreError
     from fewclip.config import SettingsError
     from fewclip.recipes import RecipeError
 
     kinds = (DatasetError, WeightsUnavailableError, UnsupportedBackboneError, BackboneConfigError, StoreError,
-             SettingsError, FileNotFoundError, RecipeError)
+             SettingsError, FileNotFoundError, IndexSpecError, RecipeError)
     while e is not None:
         if isinstance(e, kinds):
             return e

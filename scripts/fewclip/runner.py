@@ -33,6 +33,7 @@ from caches.data.augment import AugmentSpec
 from caches.data.fewshot import persist_fewshot, select
 from caches.data.pixels import PixelData
 from caches.data.records import DatasetError, check_trainable
+from caches.search import check_single_faiss
 from caches.store import KVStore
 from fewclip.config import check_settings
 from fewclip.protocol import RunProtocol, draw_fewshot, resolve_protocol, val_description
@@ -99,8 +100,11 @@ def versions() -> dict[str, str]:
         fewclip = version("fewclip")
     except PackageNotFoundError:
         fewclip = "source"
+    from caches.search import faiss_distributions
+
     return {"fewclip": fewclip, "python": platform.python_version(), "torch": torch.__version__,
             "open_clip": open_clip.__version__, "faiss": getattr(faiss, "__version__", "?"),
+            "faiss_package": ",".join(faiss_distributions()) or "?",
             "sklearn": sklearn.__version__, "hydra": hydra.__version__}
 
 
@@ -238,8 +242,8 @@ def support_store(builder: CacheBuilder, dataset: Any, samples: list, cfg: DictC
     """The support store: ``proto.views`` augmented views per image, or un-augmented features (``plain``: the
     eval transform, one per image, for methods fitted on them such as lpclip's linear probe)."""
     if proto.support_features == "plain":
-        return builder.features(dataset, "train", samples)
-    return builder.support(dataset, samples, cfg.shots, cfg.seed, views=proto.views, aug=aug)
+        return builder.features(dataset, "train", samples, index=cfg.cache.index)
+    return builder.support(dataset, samples, cfg.shots, cfg.seed, views=proto.views, aug=aug, index=cfg.cache.index)
 
 
 def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -256,6 +260,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         log.info("skipping %s: result.json of the same config exists (resume=false runs it again)", out)
         return {**done, "resumed": True}
     threads = configure_job_threads(cfg.get("threads"))
+    check_single_faiss()
     # The adapter by its option; the dataset and backbone by name (the option's, or a folder's or model's: two
     # folder datasets must not share the name "folder" in reports).
     names = {"adapter": group_choice(cfg, "adapter"), "dataset": str(cfg.dataset.name),
@@ -283,25 +288,44 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
                                                                      aug)}
     stores["val"] = builder.features(dataset, "val", select(dataset, "val", fewshot.val))
     support = SupportSet(keys=stores["support"].keys(), labels=stores["support"].labels(),
-                         views=stores["support"].view_features())
+                         views=stores["support"].view_features(),
+                         index=stores["support"].searcher(cfg.cache.search_params))
     val = _features(stores["val"])
+
+    def make_ctx(support_set: SupportSet) -> AdapterContext:
+        return AdapterContext(classnames=list(dataset.classnames), text_head=stores["text"].keys(),
+                              support=support_set, logit_scale=backbone.logit_scale, backbone=backbone,
+                              device=backbone.device, seed=cfg.seed, progress=cfg.progress,
+                              text_norms=text_raw_norms(stores["text"]))
 
     adapter: Adapter = instantiate(proto.adapter)
     pixel_mode = adapter.input_kind == "pixels"
-    ctx = AdapterContext(classnames=list(dataset.classnames), text_head=stores["text"].keys(), support=support,
-                         logit_scale=backbone.logit_scale, backbone=backbone, device=backbone.device,
-                         seed=cfg.seed, progress=cfg.progress, text_norms=text_raw_norms(stores["text"]))
-    if pixel_mode:
-        ctx.pixels = PixelData(train=builder.pixel_split(dataset, support_samples),
-                               val=builder.pixel_split(dataset, select(dataset, "val", fewshot.val)), aug=aug)
-        val = ctx.pixels.val
-    adapter.setup(ctx)
-    t = time.perf_counter()
-    fit_record = adapter.fit(support, val)
-    timings["fit"] = time.perf_counter() - t
-    t = time.perf_counter()
-    selection = adapter.tune(val)
-    timings["search"] = time.perf_counter() - t
+    pool_record = None
+    if cfg.pool.path:
+        from fewclip.pool import fit_with_pool
+
+        if pixel_mode:
+            raise DatasetError("pool= grows the cached support features; pixel-mode adapters train on pixels and "
+                               "cannot use it")
+        t = time.perf_counter()
+        adapter, support, fit_record, selection, pool_record = fit_with_pool(
+            cfg, builder, dataset, stores, support, val, make_ctx, lambda: instantiate(proto.adapter))
+        ctx = adapter.ctx
+        timings["fit"] = time.perf_counter() - t  # every candidate's fit and search
+        timings["search"] = 0.0
+    else:
+        ctx = make_ctx(support)
+        if pixel_mode:
+            ctx.pixels = PixelData(train=builder.pixel_split(dataset, support_samples),
+                                   val=builder.pixel_split(dataset, select(dataset, "val", fewshot.val)), aug=aug)
+            val = ctx.pixels.val
+        adapter.setup(ctx)
+        t = time.perf_counter()
+        fit_record = adapter.fit(support, val)
+        timings["fit"] = time.perf_counter() - t
+        t = time.perf_counter()
+        selection = adapter.tune(val)
+        timings["search"] = time.perf_counter() - t
     val_acc = evaluate(adapter, val)
     state_file = save_adapter_state(adapter, out)
 
@@ -333,6 +357,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         "targets": targets,
         **({"novel": novel} if novel is not None else {}),
         "hparams": adapter.hparams(),
+        "lookup": adapter.lookup_record(),
+        **({"pool": pool_record} if pool_record is not None else {}),
         "adapter_config": OmegaConf.to_container(proto.adapter, resolve=True),
         "adapter_state": state_file,
         "selection": {**selection, "fit": fit_record, "val_images_per_class": val_description(proto, cfg.shots)},

@@ -46,6 +46,7 @@ from fewclip.artifact.format import (
     install,
     instantiate_adapter,
     now_utc,
+    search_params,
     store_records,
     support_set,
     tmp_sibling,
@@ -153,7 +154,7 @@ def add_class_to(art: Artifact, name: str, images: Sequence[Any] = (), batch_siz
     n_old = len(art.classnames)
     classnames = [*art.classnames, name]
     text_keys = torch.cat([art.text_store.keys(), art.backbone.text_head([name], art.templates).cpu()])
-    support = support_set(art.support_store)
+    support = support_set(art.support_store, search_params(art.path))
     unreadable: list[tuple[Any, str]] = []
     added: tuple[list[dict[str, Any]], dict[str, Any]] | None = None
     if items:

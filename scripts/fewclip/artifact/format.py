@@ -366,6 +366,17 @@ def adapter_context(classnames: list[str], text: torch.Tensor, support: SupportS
                           progress=False)
 
 
-def support_set(store: KVStore) -> SupportSet:
-    """A support store as the adapters take it: ``keys [N, D]``, ``labels [N]``, ``views [A, N, D]`` or None."""
-    return SupportSet(keys=store.keys(), labels=store.labels(), views=store.view_features())
+def support_set(store: KVStore, search_params: str = "") -> SupportSet:
+    """A support store as the adapters take it: ``keys [N, D]``, ``labels [N]``, ``views [A, N, D]`` or None, and
+    its faiss index (searched with ``search_params``: the fit's ``cache.search_params``)."""
+    return SupportSet(keys=store.keys(), labels=store.labels(), views=store.view_features(),
+                      index=store.searcher(search_params))
+
+
+def search_params(path: Path) -> str:
+    """The ``cache.search_params`` the artifact's run used (``""``: the defaults), from its ``result.json``."""
+    try:
+        config = json.loads((path / RESULT_FILE).read_text()).get("config", {})
+    except (OSError, ValueError):
+        return ""
+    return str((config.get("cache") or {}).get("search_params") or "")

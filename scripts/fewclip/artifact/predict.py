@@ -27,6 +27,7 @@ from fewclip.artifact.format import (
     instantiate_adapter,
     load_stores,
     read_info,
+    search_params,
     support_set,
 )
 from fewclip.artifact.images import ImageFiles
@@ -209,6 +210,7 @@ def load_artifact(path: str | os.PathLike, device: str = "auto", backbone: Froze
     bb = backbone if backbone is not None else _load_backbone(info["backbone"], device, pretrained)
     check_backbone(info["backbone"], bb)
     adapter = instantiate_adapter(info["adapter"]["config"])
-    adapter.setup(adapter_context(info["classnames"], text.keys(), support_set(support), bb, int(info["seed"])))
+    adapter.setup(adapter_context(info["classnames"], text.keys(), support_set(support, search_params(path)), bb,
+                                  int(info["seed"])))
     restore_adapter(adapter, path)
     return Artifact(path, info, bb, adapter, text, support)
