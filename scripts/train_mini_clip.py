@@ -29,7 +29,7 @@ checkpoint (safetensors + JSON; no pickles). The weights are written as fp16 saf
 state-dict layout, loadable by ``open_clip.create_model(name, pretrained=FILE)`` and by
 ``fewclip run backbone=open_clip backbone.model=NAME backbone.pretrained=FILE``.
 
-    python scripts/train_mini_clip.py --stop-after-epoch 3   # the shipped model: 3 epochs of the 7-epoch schedule
+    python scripts/train_mini_clip.py                 # the shipped model (7 epochs; resumes an interrupted run)
     python scripts/train_mini_clip.py --epochs 2 --out /tmp/mini.safetensors   # a short trial
     python scripts/train_mini_clip.py --sources openclipart,emoji,glyphs,csv:my_pairs.csv --epochs 40 \\
         --model-config my_bigger.json --out my_model.safetensors
@@ -663,9 +663,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-per-folder", type=int, default=200,
                    help="Openclipart folders with more drawings keep a seeded sample of this many")
     p.add_argument("--stop-after-epoch", type=int, default=0,
-                   help="end training after this many epochs of the --epochs schedule (0: all of them). The "
-                        "shipped model stopped after 3 of 7 for time, before the learning rate had decayed; "
-                        "a run resumed from the checkpoint of the same schedule continues it exactly")
+                   help="end training after this many epochs of the --epochs schedule (0: all of them), e.g. to "
+                        "free the machine; running the same command again without it resumes the checkpoint of "
+                        "the same schedule and continues it exactly")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all); for trials")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
