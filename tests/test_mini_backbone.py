@@ -93,15 +93,12 @@ def test_zero_shot_matches_an_independent_computation(cache, tmp_path, dataset):
     assert res["test_acc"] == pytest.approx(acc, abs=0.4), (res["test_acc"], acc)
 
 
-# The shipped weights are under-trained (3 of 7 planned epochs, see the model card): their zero-shot accuracy on
-# digits is below chance. Strict: a retrained model that beats chance turns this into a failure to update.
-@pytest.mark.parametrize("dataset", [pytest.param("digits", marks=pytest.mark.xfail(
-    strict=True, reason="fewclip-mini (3 epochs) scores below chance zero-shot on digits")), *DATASETS[1:]])
+@pytest.mark.parametrize("dataset", DATASETS)
 def test_zero_shot_beats_chance(cache, tmp_path, dataset):
     res = _run(cache, tmp_path, dataset, "zero_shot")
     chance = 100.0 / res["n_classes"]
-    # Measured: digits 9.46%, Fashion-MNIST 11.02% (10,000 test images: 1 point is about 3 standard errors).
-    assert res["test_acc"] > chance + 0.5, f"{dataset}: zero-shot {res['test_acc']:.2f}% vs chance {chance:.1f}%"
+    # Measured with the shipped weights: digits 20.04% (539 test images: one standard error is about 1.7 points).
+    assert res["test_acc"] > chance + 5, f"{dataset}: zero-shot {res['test_acc']:.2f}% vs chance {chance:.1f}%"
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
