@@ -10,7 +10,7 @@ search (``lookup`` in result.json), exported and used by ``fewclip predict``. Tw
 ``adapter.lookup=dense`` (Tip-Adapter's formula over every key) and with ``adapter.lookup=topk`` (the exact top-k);
 ``--no-compare`` skips them.
 
-    python scripts/demo_large_cache.py --out /tmp/large_cache_demo            # ~10-20 min on 2 shared cores
+    python scripts/demo_large_cache.py --out /tmp/large_cache_demo            # ~30 min on 2 busy cores
     python scripts/demo_large_cache.py --classes 100 --shots 100 --out /tmp/d  # 10,000 keys, a minute or two
 """
 

@@ -494,3 +494,13 @@ def test_eval_pool_writes_disjoint_labelled_splits_and_a_pool_whose_true_classes
     for f in pool_files:
         label, row = pixels(f)
         assert label == 20 * names[truth[f.name]] and row not in train_rows  # no labelled image in the pool
+
+
+def test_bench_tuning_counts_a_setting_that_finds_fewer_than_k_as_recall_zero():
+    bench = _script("bench_faiss")
+    keys, queries = _keys(1000, 16, seed=4), _keys(50, 16, seed=5)
+    exact = (queries @ keys.t()).topk(16, dim=1).indices
+    index = KeyIndex(build_index(keys.numpy(), "IVF40,Flat"), "IVF40,Flat")  # ~25 keys per list, k = 64
+    chosen, tried = bench.tune_settings(index, queries, exact, keys, 64, 0.99)
+    assert tried[0] == ("nprobe=1", 0.0)
+    assert tried[-1][1] >= 0.99 and chosen == tried[-1][0]
