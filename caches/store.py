@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from caches.backbone import sha256_file
 from caches.search import DEFAULT_INDEX, KeyIndex, build_index, index_kind, reconstruct_exact
+from caches.weights_id import sha256_file
 
 log = logging.getLogger(__name__)
 
