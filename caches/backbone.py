@@ -15,44 +15,41 @@ Weights come from one of four places:
 ``backbone=mini`` (``model=fewclip-mini``) is a small CLIP trained on public-domain clip art, emoji and rendered
 characters (``caches/model_configs/fewclip-mini.md``). Its weights ship in ``caches/model_configs/`` and load
 as a local weights file: ``pretrained=fewclip-mini.safetensors``, a bare file name that is not a file in the
-working directory, is looked up there (``bundled_weights``).
+working directory, is looked up there (``bundled_weights``). Resolving and checking the weights is
+``caches.weights``' job; the piecewise transformer runs of the prompt learners are ``caches.prompted``'.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
-import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from caches.weights_id import file_identity, sha256_file  # noqa: F401  (sha256_file: imported from here too)
+from caches.prompted import PromptFn, run_prompted_blocks, shared_prefix_block
+from caches.weights import (
+    bundled_weights,
+    check_model_name,
+    create_clip,
+    expected_random_init,
+    is_torchscript,
+    match_activation,
+    register_fewclip_configs,
+    resolve_weights,
+    short_model_name,
+    state_dict_hash,
+)
+from caches.weights_id import file_identity
 
 log = logging.getLogger(__name__)
-
-TINY_MODEL = "fewclip-tiny"
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_HF_HOST = ("huggingface.co", 443)
 
 
 class UnsupportedBackboneError(ValueError):
     """The chosen method cannot work with this backbone's architecture (e.g. visual prompts on a ResNet)."""
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights cannot be fetched or found locally."""
-
-
-class BackboneConfigError(ValueError):
-    """The backbone settings name something that does not exist or does not fit: an unknown architecture or tag,
-    an incomplete ``local-dir:`` folder, a weights file made for another architecture."""
 
 
 @dataclass(frozen=True)
@@ -72,361 +69,6 @@ class ImageSpec:
 def default_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _register_fewclip_configs() -> None:
-    import open_clip
-
-    if TINY_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(_CONFIG_DIR)
-
-
-def bundled_weights(pretrained: str | None) -> str | None:
-    """``pretrained`` as given, or the path of the weights file of that bare name in ``caches/model_configs/``."""
-    if (pretrained and os.sep not in pretrained and not os.path.isfile(pretrained)
-            and (_CONFIG_DIR / pretrained).is_file()):
-        return str(_CONFIG_DIR / pretrained)
-    return pretrained
-
-
-def short_model_name(model: str) -> str:
-    """A short, path-safe name for a model (the default ``backbone.name``): the architecture name, a ``local-dir:``
-    folder's name, or a ``hf-hub:`` repository's name."""
-    if model.startswith(("local-dir:", "hf-hub:")):
-        model = Path(model.split(":", 1)[1].rstrip("/\\")).name or model.split(":", 1)[0]
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in model) or "backbone"
-
-
-def check_model_name(model: str) -> None:
-    """Refuse an architecture open_clip does not know, naming the close matches (open_clip's own error lists every
-    model it has)."""
-    import difflib
-
-    import open_clip
-
-    if model.startswith(("local-dir:", "hf-hub:")) or model in open_clip.list_models():
-        return
-    close = difflib.get_close_matches(model, open_clip.list_models(), n=5, cutoff=0.6)
-    hint = f"; close matches: {', '.join(close)}" if close else ""
-    raise BackboneConfigError(f"unknown open_clip model backbone.model={model}{hint} (open_clip.list_models() lists "
-                              "them all, or use local-dir:/path/to/folder)")
-
-
-def match_activation(model: str, pretrained: str | None) -> tuple[str, bool]:
-    """The architecture to build for a pretrained tag, following open_clip's rule that a tag's ``quick_gelu`` flag
-    must match the model's activation.
-
-    OpenAI's weights (tag ``openai``) were trained with QuickGELU; open_clip lists them under ``<model>-quickgelu``
-    too and warns when they are loaded into a GELU model (``factory.create_model``). Such a model computes other
-    features from the same weights, without any error. Here a GELU architecture asked for a QuickGELU tag is
-    switched to its ``-quickgelu`` twin (or built with ``force_quick_gelu`` when there is none), with a warning;
-    a QuickGELU architecture asked for a GELU tag is refused.
-
-    Returns:
-        ``(model name to build, force_quick_gelu)``.
-    """
-    import open_clip
-
-    if pretrained is None or model.startswith(("local-dir:", "hf-hub:")) or os.path.isfile(pretrained):
-        return model, False
-    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
-    if not tag_cfg:
-        return model, False  # an unknown tag: resolve_weights says so
-    tag_quick = bool(tag_cfg.get("quick_gelu", False))
-    model_quick = bool((open_clip.get_model_config(model) or {}).get("quick_gelu", False))
-    if tag_quick == model_quick:
-        return model, False
-    if model_quick:
-        raise BackboneConfigError(f"pretrained={pretrained} was trained with GELU but backbone.model={model} uses "
-                                  "QuickGELU: use the model name without -quickgelu")
-    twin = f"{model}-quickgelu"
-    if twin in open_clip.list_models():
-        log.warning("pretrained=%s was trained with QuickGELU activations: building %s instead of %s (the weights "
-                    "in a GELU model give other features)", pretrained, twin, model)
-        return twin, False
-    log.warning("pretrained=%s was trained with QuickGELU activations: building %s with QuickGELU", pretrained, model)
-    return model, True
-
-
-def _is_torchscript(path: str) -> bool:
-    """True for a TorchScript archive (OpenAI's original ``.pt`` releases): a zip with a ``code/`` folder, which
-    ``torch.load(weights_only=True)`` refuses."""
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
-
-
-def _load_torchscript_state(model: torch.nn.Module, path: str) -> None:
-    """Load the weights of a TorchScript checkpoint into ``model``, as open_clip's ``load_openai_model`` reads
-    OpenAI's releases: ``torch.jit.load`` on the CPU, its state dict without the three scalar entries OpenAI
-    stores (``input_resolution``, ``context_length``, ``vocab_size``).
-
-    Raises:
-        BackboneConfigError: the checkpoint's parameters do not match the model's names and shapes.
-    """
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch marks torch.jit as deprecated
-        state = torch.jit.load(path, map_location="cpu").state_dict()
-    for key in ("input_resolution", "context_length", "vocab_size"):
-        state.pop(key, None)
-    own = model.state_dict()
-    # Buffers the model keeps out of its state dict (the text tower's causal mask) are rebuilt, not loaded.
-    transient = {n for n, _ in model.named_buffers()} - set(own)
-    state = {k: v for k, v in state.items() if k not in transient}
-    _check_fits(own, state, path, model)
-    model.load_state_dict(state, strict=True)
-
-
-def _check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: str, model: Any) -> None:
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
-                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
-        raise BackboneConfigError(f"weights file {path} does not fit this architecture ({type(model).__name__}): "
-                                  f"parameters {'; '.join(parts)}. Is backbone.model the architecture it was saved "
-                                  "from?")
-
-
-_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir folder
-
-
-def check_local_dir(model: str) -> None:
-    """A ``local-dir:`` folder must hold ``open_clip_config.json`` and a checkpoint: without one, open_clip logs a
-    warning and returns a randomly initialised model.
-
-    Raises:
-        BackboneConfigError: the folder or its config is missing.
-        WeightsUnavailableError: no checkpoint file in it.
-    """
-    folder = Path(model.split(":", 1)[1]).expanduser()
-    if not folder.is_dir():
-        raise BackboneConfigError(f"backbone.model={model}: no such folder")
-    if not (folder / "open_clip_config.json").is_file():
-        raise BackboneConfigError(f"backbone.model={model}: the folder has no open_clip_config.json")
-    if not any(p.suffix in _CHECKPOINT_SUFFIXES for p in folder.iterdir() if p.is_file()):
-        found = sorted(p.name for p in folder.iterdir() if p.is_file())
-        hint = ("; a TorchScript .pt file loads with backbone.model=ARCH backbone.pretrained=FILE"
-                if any(n.endswith(".pt") for n in found) else "")
-        raise WeightsUnavailableError(
-            f"backbone.model={model}: the folder has a config but no weights (open_clip reads "
-            f"{', '.join('*' + x for x in _CHECKPOINT_SUFFIXES)}; found {found}){hint}. Refusing to run on randomly "
-            "initialised weights.")
-
-
-class _DropRandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _expected_random_init(expected: bool) -> Iterator[None]:
-    """Silence open_clip's "initialized randomly" warning (logged on the root logger) where random weights were
-    asked for (``pretrained=None``, the tiny test model): ``weights_id`` records them as ``random:<hash>``."""
-    if not expected:
-        yield
-        return
-    root, drop = logging.getLogger(), _DropRandomInitWarning()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-
-
-def create_clip(model: str, weights: str | None, **kwargs: Any) -> torch.nn.Module:
-    """``open_clip.create_model`` for a tag's or file's weights (``weights``: a local path or None), a ``local-dir:``
-    folder, or a TorchScript checkpoint; weights that do not fit the architecture are a ``BackboneConfigError``
-    instead of open_clip's page of missing keys."""
-    import open_clip
-
-    if model.startswith("local-dir:"):
-        check_local_dir(model)
-        # require_pretrained: open_clip raises instead of returning random weights, should a checkpoint not load.
-        return open_clip.create_model(model, device=kwargs["device"], require_pretrained=True)
-    if weights is not None and _is_torchscript(weights):
-        net = open_clip.create_model(model, pretrained=None, **kwargs)
-        _load_torchscript_state(net, weights)
-        return net.to(kwargs["device"])
-    try:
-        return open_clip.create_model(model, pretrained=weights, **kwargs)
-    except RuntimeError as e:
-        if weights is None or "Error(s) in loading state_dict" not in str(e):
-            raise
-        net = open_clip.create_model(model, pretrained=None, **kwargs)
-        from open_clip.factory import load_state_dict
-
-        _check_fits(net.state_dict(), load_state_dict(weights), weights, net)
-        raise
-
-
-def state_dict_hash(module: torch.nn.Module) -> str:
-    """Hex sha256 over parameter names, shapes and bytes: identifies randomly initialised weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _cached_hub_file(hf_hub: str, cache_dir: str | None) -> str | None:
-    """Path of the tag's weights in the local Hugging Face cache, or None (no network access)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - open_clip depends on huggingface_hub
-        return None
-    # open_clip's convention: "org/repo/file.bin", or "org/repo/" for its default file name.
-    model_id, filename = os.path.split(hf_hub)
-    names = [filename] if filename else []
-    # open_clip prefers safetensors twins of the .bin it names; look for both.
-    names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    for name in names:
-        hit = try_to_load_from_cache(repo_id=model_id, filename=name, cache_dir=cache_dir)
-        if isinstance(hit, str) and os.path.isfile(hit):
-            return hit
-    return None
-
-
-def _network_reachable(timeout_s: float = 3.0) -> bool:
-    try:
-        with socket.create_connection(_HF_HOST, timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def _offline_message(model: str, tag: str) -> str:
-    return (
-        f"Cannot fetch pretrained weights for backbone model={model} pretrained={tag}: no network access "
-        f"to {_HF_HOST[0]} (or HF_HUB_OFFLINE is set) and the weights are not in the local Hugging Face "
-        "cache.\nFixes: download the weights on a machine with internet and pass the file with "
-        f"'backbone.model={model} backbone.pretrained=/path/to/open_clip_pytorch_model.bin' (or an open_clip "
-        "folder with 'backbone.model=local-dir:/path/to/folder'), copy a Hugging Face cache into HF_HOME, "
-        "or run offline with the bundled small model 'backbone=mini'."
-    )
-
-
-def resolve_weights(model: str, pretrained: str | None, cache_dir: str | None = None) -> tuple[str | None, dict]:
-    """Turn (model, pretrained) into a local weights path (or None) and the tag's preprocessing.
-
-    Fails within seconds with ``WeightsUnavailableError`` when a tag's weights are neither cached nor
-    reachable, instead of letting the hub client retry for a minute.
-    """
-    import open_clip
-
-    if pretrained is None or model.startswith(("local-dir:", "hf-hub:")):
-        return None, {}
-    if os.path.isfile(pretrained):
-        return pretrained, {}
-    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
-    if not tag_cfg:
-        if os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
-            raise FileNotFoundError(f"backbone.pretrained={pretrained}: no such weights file.")
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        known = f"Known tags: {', '.join(tags)}" if tags else "It has no pretrained tags"
-        base = model.removesuffix("-quickgelu")
-        if base != model and open_clip.get_pretrained_cfg(base, pretrained):
-            known += f"; {base} (GELU) has the tag {pretrained}"
-        raise BackboneConfigError(
-            f"Unknown pretrained tag '{pretrained}' for open_clip model '{model}'. {known}. "
-            "Pass a weights file path instead of a tag to use local weights."
-        )
-    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
-    hub = tag_cfg.get("hf_hub", "")
-    if hub:
-        hit = _cached_hub_file(hub, cache_dir)
-        if hit:
-            return hit, preprocess
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline or not _network_reachable():
-        raise WeightsUnavailableError(_offline_message(model, pretrained))
-    from open_clip.pretrained import download_pretrained
-
-    try:
-        path = download_pretrained(tag_cfg, cache_dir=cache_dir)
-    except Exception as e:  # the hub client raises many types; name the fix either way
-        raise WeightsUnavailableError(_offline_message(model, pretrained) + f"\nCause: {e}") from e
-    return path, preprocess
-
-
-PromptFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
-
-
-def run_prompted_blocks(transformer: Any, x: torch.Tensor, prompts: PromptFn, start: int, n_prompts: int = 0,
-                        attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Run an open_clip ``Transformer``'s ``resblocks`` one by one, setting prompt tokens before each block.
-
-    This is how deep prompts (VPT, MaPLe, DPT) are wrapped around open_clip's own blocks without forking its
-    model code. The prompt tokens sit at ``x[:, start : start + n]``.
-
-    Args:
-        transformer: an open_clip ``Transformer`` (anything with ``resblocks`` and ``batch_first``).
-        x: ``[B, T, W]`` token states, batch first.
-        prompts: ``(i, others) -> [B, n_i, W] | None`` called before block ``i`` with ``others``, the
-            ``[B, T - n, W]`` non-prompt tokens. A tensor replaces the current prompt tokens (``n`` may change;
-            the previous ones and what the earlier blocks made of them are dropped); None keeps them, so they flow
-            through the block like any token.
-        start: index of the first prompt token.
-        n_prompts: prompt tokens already in ``x`` on entry (text context spliced into the input).
-        attn_mask: passed to every block (the text tower's causal mask); the caller keeps its size consistent.
-    Returns:
-        ``([B, T', W] token states, number of prompt tokens at the end)``.
-    """
-    n = n_prompts
-    for i, block in enumerate(transformer.resblocks):
-        p = prompts(i, torch.cat([x[:, :start], x[:, start + n :]], dim=1))
-        if p is not None:
-            x = torch.cat([x[:, :start], p.to(x.dtype), x[:, start + n :]], dim=1)
-            n = p.shape[1]
-        if transformer.batch_first:
-            x = block(x, attn_mask=attn_mask)
-        else:  # open_clip < 2.24 ran its blocks sequence first
-            x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
-    return x, n
-
-
-def _shared_prefix_block(block: Any, hp: torch.Tensor, hs: torch.Tensor, allowed: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One open_clip ``ResidualAttentionBlock`` on a shared prefix and per-class suffixes (causal attention).
-
-    ``hp [B, P, W]`` prefix states attend among themselves; ``hs [B or 1, C, S, W]`` suffix states attend to their
-    image's prefix and to themselves (``allowed [S, P + S]``). The same operations as the block's ``forward``
-    (pre-norm, fused in-projection, scaled dot-product attention, out-projection, layer scales, MLP), split so the
-    prefix's keys and values are computed once and shared by the C suffixes.
-    """
-    attn = block.attn
-    heads = attn.num_heads
-    b, p, w = hp.shape
-    n_cls, s = hs.shape[1], hs.shape[2]
-
-    def split(t: torch.Tensor) -> torch.Tensor:  # [..., L, W] -> [..., heads, L, W / heads]
-        return t.unflatten(-1, (heads, w // heads)).transpose(-3, -2)
-
-    qp, kp, vp = (split(t) for t in F.linear(block.ln_1(hp), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
-    qs, ks, vs = (split(t) for t in F.linear(block.ln_1(hs), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
-    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # [B, h, P, hd]
-    bs = hs.shape[0]
-
-    def with_prefix(t_prefix: torch.Tensor, t_suffix: torch.Tensor) -> torch.Tensor:  # -> [B * C, h, P + S, hd]
-        t_prefix = t_prefix[:, None].expand(b, n_cls, -1, -1, -1)
-        return torch.cat([t_prefix, t_suffix.expand(b, -1, -1, -1, -1)], dim=-2).flatten(0, 1)
-
-    q = qs.expand(b, -1, -1, -1, -1).flatten(0, 1) if bs != b else qs.flatten(0, 1)
-    os_ = F.scaled_dot_product_attention(q, with_prefix(kp, ks), with_prefix(vp, vs), attn_mask=allowed)
-    op = op.transpose(-3, -2).flatten(-2)  # [B, P, W]
-    os_ = os_.transpose(-3, -2).flatten(-2).view(b, n_cls, s, w)
-    hp = hp + block.ls_1(attn.out_proj(op))
-    hs = hs + block.ls_1(attn.out_proj(os_))
-    hp = hp + block.ls_2(block.mlp(block.ln_2(hp)))
-    hs = hs + block.ls_2(block.mlp(block.ln_2(hs)))
-    return hp, hs
 
 
 class FrozenClip:
@@ -454,13 +96,13 @@ class FrozenClip:
     ) -> None:
         import open_clip
 
-        _register_fewclip_configs()
+        register_fewclip_configs()
         pretrained = bundled_weights(pretrained)
         check_model_name(model)
         name = name or short_model_name(model)
         model, force_quick_gelu = match_activation(model, pretrained)
         weights, tag_preprocess = resolve_weights(model, pretrained, weights_cache_dir)
-        if weights is not None and _is_torchscript(weights) and open_clip.get_pretrained_cfg(model, "openai"):
+        if weights is not None and is_torchscript(weights) and open_clip.get_pretrained_cfg(model, "openai"):
             # OpenAI released its CLIP weights only as TorchScript archives, all trained with QuickGELU.
             model, force_quick_gelu = match_activation(model, "openai")
         self.model_name = model
@@ -475,7 +117,7 @@ class FrozenClip:
             kwargs["force_quick_gelu"] = True
         # Random initialisation draws from the global torch RNG; fork it so that building the model neither
         # depends on nor disturbs the caller's random state, and the tiny model is identical everywhere.
-        with torch.random.fork_rng(devices=[]), _expected_random_init(weights is None and pretrained is None
+        with torch.random.fork_rng(devices=[]), expected_random_init(weights is None and pretrained is None
                                                                         and not model.startswith("local-dir:")):
             torch.manual_seed(seed)
             self.model = create_clip(model, weights, **kwargs)
@@ -697,7 +339,7 @@ class FrozenClip:
         allowed = torch.ones(s, p + s, dtype=torch.bool, device=prefix.device)
         allowed[:, p:] = torch.ones(s, s, dtype=torch.bool, device=prefix.device).tril()
         for block in m.transformer.resblocks:
-            hp, hs = _shared_prefix_block(block, hp, hs, allowed)
+            hp, hs = shared_prefix_block(block, hp, hs, allowed)
         pooled = hs[:, torch.arange(n_cls, device=hs.device), eot - p]  # [B, C, W]
         x = m.ln_final(pooled)
         proj = m.text_projection

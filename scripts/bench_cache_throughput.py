@@ -50,9 +50,10 @@ from typing import Any
 
 import torch
 
-from caches.backbone import TINY_MODEL, FrozenClip
+from caches.backbone import FrozenClip
 from caches.builder import CacheBuilder
 from caches.store import KVStore
+from caches.weights import TINY_MODEL
 
 
 def load_average() -> str:

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import caches.backbone
-from caches.backbone import BackboneConfigError, FrozenClip, WeightsUnavailableError, state_dict_hash
+import caches.weights
+from caches.backbone import FrozenClip
+from caches.weights import BackboneConfigError, WeightsUnavailableError, state_dict_hash
 
 
 def test_tiny_is_the_same_model_every_time(tiny):
@@ -139,7 +141,7 @@ def quickgelu_tag(monkeypatch, tmp_path, tiny):
     weights = _save_tiny(tiny, tmp_path / "tiny.safetensors")
     tag = {"hf_hub": "fewclip/tiny-test/", "quick_gelu": True}
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "fewclip-tiny", {"qgtest": tag})
-    monkeypatch.setattr(caches.backbone, "_cached_hub_file", lambda hub, cache_dir: str(weights))
+    monkeypatch.setattr(caches.weights, "_cached_hub_file", lambda hub, cache_dir: str(weights))
     return tag
 
 
@@ -175,7 +177,7 @@ def test_quickgelu_tag_builds_a_quickgelu_model(quickgelu_tag, tiny, caplog, mon
 
 def test_vit_b32_with_the_openai_tag_is_switched_to_quickgelu():
     # The real case, decided before any weights are fetched: the tag lives under the -quickgelu name.
-    from caches.backbone import match_activation
+    from caches.weights import match_activation
 
     assert match_activation("ViT-B-32", "openai") == ("ViT-B-32-quickgelu", False)
     assert match_activation("ViT-B-32-quickgelu", "openai") == ("ViT-B-32-quickgelu", False)

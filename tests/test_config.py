@@ -9,8 +9,9 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 
 from adapters.base import Adapter
-from caches.backbone import FrozenClip, WeightsUnavailableError
+from caches.backbone import FrozenClip
 from caches.data.records import ImageDataset
+from caches.weights import WeightsUnavailableError
 from fewclip.config import compose, conf_dir, group_options
 
 GROUPS = ("backbone", "dataset", "adapter")

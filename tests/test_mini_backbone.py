@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from caches.backbone import FrozenClip, bundled_weights
+from caches.backbone import FrozenClip
+from caches.weights import bundled_weights
 from fewclip.config import compose
 from fewclip.demo import DEMO_SHORT
 from fewclip.runner import run

@@ -135,7 +135,7 @@ def dataset_name(path: str | None, default: str) -> str:
 def model_name(model: str) -> str:
     """The default ``backbone.name`` of ``backbone=open_clip``: the architecture, or the ``local-dir:`` folder's name.
     Resolver ``fewclip.model_name``."""
-    from caches.backbone import short_model_name
+    from caches.weights import short_model_name
 
     return short_model_name(str(model))
 

@@ -11,15 +11,16 @@ import logging
 import re
 from typing import Any
 
-from caches.store import WRITE_ERRNOS
+from caches.storefiles import WRITE_ERRNOS
 
 
 def user_error(e: BaseException) -> BaseException | None:
     """The bad-input error behind ``e`` (Hydra wraps errors raised while instantiating), or None."""
-    from caches.backbone import BackboneConfigError, UnsupportedBackboneError, WeightsUnavailableError
+    from caches.backbone import UnsupportedBackboneError
     from caches.data.records import DatasetError
     from caches.search import IndexSpecError
     from caches.store import StoreError
+    from caches.weights import BackboneConfigError, WeightsUnavailableError
     from fewclip.config import SettingsError
     from fewclip.recipes import RecipeError
 

@@ -63,8 +63,9 @@ from typing import Any
 import torch
 
 from adapters.base import Adapter, AdapterContext, SupportSet
-from caches.backbone import FrozenClip, sha256_file
+from caches.backbone import FrozenClip
 from caches.store import KVStore, StoreError
+from caches.weights_id import sha256_file
 from fewclip.runner import RESULT_FILE, STATE_FILE, versions
 
 log = logging.getLogger(__name__)
