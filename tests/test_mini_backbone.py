@@ -46,7 +46,8 @@ def _below_zs(adapter: str) -> pytest.ParameterSet:
         return pytest.param(adapter)
     val, strict = BELOW_ZS[adapter]
     return pytest.param(adapter, marks=pytest.mark.xfail(
-        strict=strict, raises=AssertionError, reason=f"fewclip-mini digits: {adapter} val {val:.2f}% vs zero-shot val 17.50%"))
+        strict=strict, raises=AssertionError,
+        reason=f"fewclip-mini digits: {adapter} val {val:.2f}% vs zero-shot val 17.50%"))
 
 
 @pytest.fixture(scope="module")
