@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import synthetic_features
 
 from adapters.base import AdapterContext, FeatureSplit, SupportSet, accuracy
-from adapters.tip import TipAdapter, alpha_accuracies, linear_grid
+from adapters.tip import TipAdapter, alpha_accuracies, linear_grid, plain_alpha_accuracies
 from adapters.tuning import grid_search
 from adapters.zero_shot import ZeroShot
 
@@ -93,6 +93,28 @@ def test_alpha_accuracies_equal_brute_force(seed):
     for block in (7, 64, 512):  # blocks that do and do not divide the 200 queries
         fast = alpha_accuracies(zs, cache, labels, alphas, block=block)
         assert fast.tolist() == pytest.approx(slow, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_alpha_accuracies_equal_argmax_at_every_alpha_with_many_classes(seed):
+    # many classes, near-equal logits (a flat cache, a spread text head) and the reference's alpha range; and with
+    # so few candidates allowed that many queries take the plain path
+    g = torch.Generator().manual_seed(seed)
+    n, c = 700, 400
+    zs = torch.randn(n, c, generator=g) * (0.5 + seed)
+    cache = torch.rand(n, c, generator=g) ** (1 + 4 * seed) * 3
+    zs[:50] = zs[:50].round()  # exact ties between classes
+    cache[:50] = cache[:50].round()
+    cache[50:60] = float("inf")  # non-finite rows
+    labels = torch.randint(0, c, (n,), generator=g)
+    labels[60:160] = (zs + 2.0 * cache)[60:160].argmax(dim=1)  # many hits
+    alphas = torch.tensor(linear_grid(0.1, 7.0, 20))
+    expected = [float((torch.add(zs, cache, alpha=a).argmax(dim=1) == labels).double().mean() * 100)
+                for a in alphas.tolist()]
+    for candidates in (2, 8):
+        got = alpha_accuracies(zs, cache, labels, alphas, block=128, candidates=candidates)
+        assert got.tolist() == pytest.approx(expected, abs=1e-9)
+    assert plain_alpha_accuracies(zs, cache, labels, alphas).tolist() == pytest.approx(expected, abs=1e-9)
 
 
 def test_alpha_accuracies_break_ties_like_argmax():
