@@ -61,104 +61,23 @@ def label_block(labels: torch.Tensor, n_classes: int) -> int:
     return k if torch.equal(labels.cpu(), torch.arange(n_classes).repeat_interleave(k)) else 0
 
 
-ALPHA_CANDIDATES = 32  # classes per query compared by alpha_accuracies; rows with more take the plain path
-
-
 def alpha_accuracies(zs: torch.Tensor, cache: torch.Tensor, labels: torch.Tensor,
-                     alphas: torch.Tensor, block: int = 512, candidates: int = ALPHA_CANDIDATES) -> torch.Tensor:
-    """Accuracy (percent) of ``argmax(zs + alpha * cache)`` for every alpha, decided exactly.
-
-    Each logit ``z_c + a c_c`` is linear in alpha, so over the searched range ``[a_lo, a_hi]`` a class can reach a
-    query's row maximum only if the larger of its two end values comes within a tolerance of the largest of the
-    classes' smaller end values (that class is at least that high at every alpha of the range). Usually a handful of
-    classes per query pass (the bounds are taken on the cache minus its row maximum, which changes no comparison
-    between classes); every other class loses at every alpha by more than the tolerance. For the survivors the
-    label's margin over each of them is computed in float64 at every alpha: all margins above the tolerance is a
-    certain hit, one below minus the tolerance a certain miss. The tolerance (``2^-17`` of the row's largest
-    ``|z| + 2 a |c|``, float32) is far above the rounding of the float32 logits, so those decisions equal what
-    ``argmax`` of the fused ``torch.add(zs, cache, alpha=a)`` (the kernel ``TipAdapter.forward`` uses) gives.
-    The rare undecided (query, alpha) pairs (a margin within the tolerance: ties, near-ties), queries with more
-    than ``candidates`` surviving classes, and non-finite rows are scored by ``plain_alpha_accuracies`` with that
-    kernel, ties going to the lowest class index like ``argmax``. Cost: about ten passes over ``[Q, C]`` in all,
-    instead of four per alpha.
-
-    Args:
-        zs, cache: ``[Q, C]``; labels: ``[Q]``; alphas: ``[S]``.
-    Returns:
-        ``[S]`` accuracies in percent.
-    """
-    alpha_list = [float(a) for a in alphas.tolist()]
-    labels = labels.to(zs.device)
-    n, n_cls = zs.shape
-    if n == 0 or not alpha_list:
-        return torch.zeros(len(alpha_list), dtype=torch.float64)
-    if n_cls <= candidates or zs.dtype != torch.float32 or cache.dtype != torch.float32:
-        return plain_alpha_accuracies(zs, cache, labels, alphas, block)
-    # alpha as the fused kernel sees it (a float32 scalar), in float64 for the margins
-    a32 = torch.tensor(alpha_list, dtype=torch.float32).double().to(zs.device)  # [S]
-    a_lo, a_hi = float(a32.min()), float(a32.max())
-    a_abs = max(abs(a_lo), abs(a_hi))
-    correct = torch.zeros(len(alpha_list), dtype=torch.int64, device=zs.device)
-    plain_rows: list[torch.Tensor] = []
-    undecided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (global rows, [rows, S] mask) per block
-    # reused [block, C] buffers: allocating them per call costs more than the arithmetic
-    v_lo, v_hi = (torch.empty(min(block, n), n_cls, dtype=zs.dtype, device=zs.device) for _ in range(2))
-    for i in range(0, n, block):
-        z, c, y = zs[i : i + block], cache[i : i + block], labels[i : i + block]
-        b = z.shape[0]
-        # The bounds are taken with the row's largest cache value subtracted from its cache (the same comparisons
-        # between classes at every alpha): a cache term common to all classes would otherwise loosen them.
-        c_min, c_max = c.amin(dim=1, keepdim=True), c.amax(dim=1, keepdim=True)  # (aminmax is slower on a CPU)
-        shifted = torch.sub(c, c_max, out=v_hi[:b])
-        lo = torch.add(z, shifted, alpha=a_lo, out=v_lo[:b])
-        hi = torch.add(z, shifted, alpha=a_hi, out=v_hi[:b])
-        floor = torch.minimum(lo, hi).amax(dim=1)  # every alpha's row maximum is at least this
-        upper = torch.maximum(lo, hi, out=lo)
-        z_min, z_max = z.amin(dim=1), z.amax(dim=1)
-        mag = torch.maximum(z_max, -z_min).double() + 2 * a_abs * torch.maximum(c_max, -c_min)[:, 0].double()
-        tol = mag * 2.0 ** -17
-        survive = upper >= (floor.double() - tol).float()[:, None]  # [b, C]
-        easy = torch.isfinite(mag) & torch.isfinite(floor) & (survive.count_nonzero(dim=1) <= candidates)
-        if not bool(easy.all()):
-            plain_rows.append(i + (~easy).nonzero()[:, 0])
-        # a label that cannot reach the row maximum is a miss at every alpha: only rows whose label survives
-        label_in = survive.gather(1, y[:, None])[:, 0] & easy
-        rows, cls = survive.nonzero().unbind(1)  # the (query, class) pairs to compare, usually a few per query
-        yr = y[rows]
-        pair = label_in[rows] & (cls != yr)  # the label does not compete with itself
-        rows, cls, yr = rows[pair], cls[pair], yr[pair]
-        dz = z[rows, yr].double() - z[rows, cls].double()
-        dc = c[rows, yr].double() - c[rows, cls].double()
-        margin = dz[:, None] + dc[:, None] * a32  # [P, S]: the label's lead over each survivor at each alpha
-        low = torch.full((b, len(alpha_list)), torch.inf, dtype=torch.float64, device=zs.device)
-        low.index_reduce_(0, rows, margin, "amin")  # [b, S]; +inf: the label alone survives
-        low = low[label_in]
-        t = tol[label_in, None]
-        correct += (low > t).sum(dim=0)
-        unsure = (low >= -t) & (low <= t)
-        if bool(unsure.any()):
-            undecided.append((i + label_in.nonzero()[:, 0], unsure))
-    for rows, unsure in undecided:  # score the undecided pairs with the kernel itself
-        for j, a in enumerate(alpha_list):
-            r = rows[unsure[:, j]]
-            if r.numel():
-                correct[j] += int((torch.add(zs[r], cache[r], alpha=a).argmax(dim=1) == labels[r]).sum())
-    if plain_rows:
-        r = torch.cat(plain_rows)
-        correct += plain_alpha_accuracies(zs[r], cache[r], labels[r], alphas, block, counts=True)
-    return correct.cpu().double() * 100.0 / n
-
-
-def plain_alpha_accuracies(zs: torch.Tensor, cache: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor,
-                           block: int = 512, counts: bool = False) -> torch.Tensor:
-    """``alpha_accuracies`` scored alpha by alpha with the fused kernel: ``[S]`` percent (``counts``: hits).
+                     alphas: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Accuracy (percent) of ``argmax(zs + alpha * cache)`` for every alpha.
 
     Blocks of queries small enough to stay in the CPU cache are scored for all alphas before moving on, with
-    one fused ``torch.add(zs, cache, alpha=a)`` into a reused buffer: the same kernel as ``TipAdapter.forward``.
+    one fused ``torch.add(zs, cache, alpha=a)`` into a reused buffer: the same kernel as ``TipAdapter.forward``,
+    so the logits are bit for bit the ones the adapter will produce.
+
     ``argmax`` is replaced by its exact equivalent through two row maxima (``amax``, several times faster than
     ``argmax`` on a CPU): a query is right when its label's logit equals the row maximum, and that maximum is not
     also reached by another class (found by masking the label's logit and taking the maximum again); rows with such
     a tie, rare, are decided by ``argmax`` itself, which picks the lowest class index.
+
+    Args:
+        zs, cache: ``[Q, C]``; labels: ``[Q]``; alphas: ``[S]``.
+    Returns:
+        ``[S]`` accuracies in percent. Ties go to the lowest class index, as with ``argmax``.
     """
     alpha_list = alphas.tolist()
     labels = labels.to(zs.device)
@@ -177,9 +96,7 @@ def plain_alpha_accuracies(zs: torch.Tensor, cache: torch.Tensor, labels: torch.
                 rows = tie[:, 0].nonzero()[:, 0]
                 hit[rows, 0] = torch.add(z[rows], c[rows], alpha=a).argmax(dim=1) == y[rows, 0]
             correct[j] += hit.sum()
-    if counts:
-        return correct
-    return correct.cpu().double() * 100.0 / max(1, labels.numel())
+    return correct.cpu().double() * 100.0 / labels.numel()
 
 
 def topk_search(zs: torch.Tensor, scores: torch.Tensor, row_labels: torch.Tensor, labels: torch.Tensor,
