@@ -67,6 +67,7 @@ from adapters.tip import (
     class_sum,
     label_block,
     linear_grid,
+    shot_major_order,
     topk_search,
 )
 from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, choose_lookup, k_values
@@ -116,7 +117,7 @@ class APE(Adapter):
 
     # Keys held shot-major when every class has K of them (the cache's state is rebuilt by setup, so its order is
     # free); APE-T keeps the store's order for its trained per-key weights.
-    shot_major = True
+    keys_reorderable = True
     search_rows = 32  # val queries per block of the search: a block's [rows, N] affinities stay in the CPU cache
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, gamma: float = 0.1, search: bool = True,
@@ -138,6 +139,7 @@ class APE(Adapter):
         self.w_sim, self.w_var = (float(w) for w in criterion_weights)
         self.chunk = int(chunk)
         self.block = 0  # K when the cache holds K keys of every class (see tip.class_sum)
+        self.shot_major = False  # keys held shot-major (set by setup)
         self.register_buffer("channels", torch.empty(0, dtype=torch.int64), persistent=False)
         self.register_buffer("values", torch.empty(0, dtype=torch.int64), persistent=False)
         self.register_buffer("keys", torch.empty(0), persistent=False)
@@ -151,10 +153,9 @@ class APE(Adapter):
         self.block = label_block(self.values, ctx.n_classes)
         self.channels = select_channels(channel_criterion(self.text_head, keys, self.values, self.w_sim, self.w_var),
                                         self.channel_ratio)
-        if self.block and self.shot_major:
-            # Shot-major order (shot 0 of every class, then shot 1, ...): the per-class sum of the cache becomes a
-            # sum of K contiguous [B, C] slices, about 4x faster on a CPU than K-element sums within each class.
-            order = torch.arange(len(self.values), device=keys.device).view(ctx.n_classes, self.block).t().reshape(-1)
+        self.shot_major = bool(self.block) and self.keys_reorderable
+        if self.shot_major:  # the faster class sum (tip.class_sum); the channels were chosen in the store's order
+            order = shot_major_order(ctx.n_classes, self.block, keys.device)
             keys, self.values = keys[order], self.values[order]
         log.info("%s: %d of %d channels kept", type(self).__name__, len(self.channels), keys.shape[1])
         self.build_cache(keys)
@@ -204,10 +205,7 @@ class APE(Adapter):
                            ) -> torch.Tensor:
         """``(A * w) L``: ``[B, N] affinities, [N] weights -> [B, C]`` (``out``: a ``[B, N]`` buffer to reuse)."""
         weighted = affinity * weights if out is None else torch.mul(affinity, weights, out=out)
-        n_cls = self.text_head.shape[0]
-        if self.block and self.shot_major:  # keys shot-major (setup): K contiguous [B, C] slices
-            return weighted.view(weighted.shape[0], self.block, n_cls).sum(dim=1)
-        return class_sum(weighted, self.values, n_cls, self.block)
+        return class_sum(weighted, self.values, self.text_head.shape[0], self.block, self.shot_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D] -> [B, C]``."""
@@ -323,7 +321,7 @@ class APET(TrainsOnFeatures, APE):
     """
 
     cost = "trained on cached features"
-    shot_major = False  # value_scale is one trained weight per key, in the store's order
+    keys_reorderable = False  # value_scale is one trained weight per key, in the store's order
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
                  alpha_max: float = 7.0, beta_steps: int = 200, alpha_steps: int = 20,
