@@ -27,6 +27,15 @@ the text head gets wrong weigh more. (beta, alpha, gamma) are searched on val on
 beta in [0.1, 7) x 200, alpha in [0.1, 7) x 20, gamma in [0, 1) x 20 (``search_scale: [7, 7, 1]`` for most
 datasets; it is tuned per dataset there). ``w_sim, w_var = 0.7, 0.3`` (``w_training_free``, the most common).
 
+**Search cost.** The reference scores every grid point with its own ``exp`` of the ``[Q, N]`` affinities and a dense
+``[Q, N] x [N, C]`` product. Here the affinities are computed once; each beta costs one ``exp`` of them, each
+(beta, gamma) a reweighting and a per-class sum, each (beta, gamma, alpha) a fused add and two row maxima over
+``[Q, C]`` (``tip.alpha_accuracies``); the same logits as ``forward``. A cache of K keys per class is held
+shot-major (``tip.class_sum``) and the search runs in blocks of ``search_rows`` val queries that stay in the CPU
+cache. What remains is the grid itself: at ImageNet scale (Q = 4,000 val, N = 16,000 keys, C = 1,000) the
+reference's ImageNet grid of 200 x 20 x 5 points is 200 exps of 64 M values, 1,000 reweighted class sums of them
+and 20,000 argmaxes over 4 M logits.
+
 **APE-T.** A category residual R [C, k] (zero init) is added, on the selected channels, to every class's text
 embedding and to every cache key of that class; a per-key value weight (init 1) replaces R_F'W'. Affinities are then
 taken on all channels, as the reference's training code does: ``logits = 100 f t~^T + alpha exp(-beta (1 - f K~^T))

@@ -4,7 +4,8 @@
 
 with K the cache keys (view-averaged support features) and V their one-hot labels. Because V is one-hot,
 ``A V`` is a per-class sum of the affinity columns, so it is computed with ``index_add`` over the key axis
-instead of a dense ``[N, C]`` matmul. alpha and beta are searched on val only, on the reference's grid
+instead of a dense ``[N, C]`` matmul; a dense training-free cache of K keys per class is held shot-major, which
+makes that sum K contiguous slices (``class_sum``). alpha and beta are searched on val only, on the reference's grid
 (beta in [0.1, beta_max), alpha in [0.1, alpha_max), 200 x 20 steps).
 
 **Large caches** (``lookup``, ``adapters/topk.py``): above ``dense_max_keys`` keys (``lookup: auto``), or always with
