@@ -76,6 +76,7 @@ from adapters.tip import (
     class_sum,
     label_block,
     linear_grid,
+    search_block_rows,
     shot_major_order,
     topk_search,
 )
@@ -127,7 +128,7 @@ class APE(Adapter):
     # Keys held shot-major when every class has K of them (the cache's state is rebuilt by setup, so its order is
     # free); APE-T keeps the store's order for its trained per-key weights.
     keys_reorderable = True
-    search_rows = 32  # val queries per block of the search: a block's [rows, N] affinities stay in the CPU cache
+    search_rows = 0  # val queries per block of the search (0: sized from N, tip.search_block_rows)
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, gamma: float = 0.1, search: bool = True,
                  beta_max: float = 7.0, alpha_max: float = 7.0, gamma_max: float = 1.0, beta_steps: int = 200,
@@ -278,7 +279,7 @@ class APE(Adapter):
         alphas = torch.tensor(grid["alpha"], dtype=torch.float32)
         # Query blocks whose [rows, N] affinities stay in the CPU cache while the exp and every gamma's reweighting
         # and class sum read them; reused buffers (allocating per beta costs more than the arithmetic).
-        rows = max(1, min(self.search_rows, shifted.shape[0]))
+        rows = search_block_rows(self.search_rows, shifted.shape[0], shifted.shape[1])
         affinity, weighted = shifted.new_empty(rows, shifted.shape[1]), shifted.new_empty(rows, shifted.shape[1])
         caches = [text.new_empty(text.shape) for _ in gammas]  # [Q, C] per gamma
         prepared = time.perf_counter()

@@ -64,6 +64,11 @@ def shot_major_order(n_classes: int, block: int, device: torch.device | None = N
     return torch.arange(n_classes * block, device=device).view(n_classes, block).t().reshape(-1)
 
 
+def search_block_rows(rows: int, n_queries: int, n_keys: int) -> int:
+    """Queries per block of a cache search: ``rows``, or (0) as many as fill 2 MB of float32 affinities."""
+    return max(1, min(rows or max(8, 2**19 // max(1, n_keys)), n_queries))
+
+
 def label_block(labels: torch.Tensor, n_classes: int) -> int:
     """K when ``labels == [0]*K + [1]*K + ... + [C-1]*K``, else 0 (see ``class_sum``)."""
     n = labels.numel()
@@ -151,7 +156,9 @@ class TipAdapter(Adapter):
         topk: k, or several k to search on val (each capped at N).
     """
 
-    search_rows = 32  # val queries per block of the search: a block's [rows, N] affinities stay in the CPU cache
+    # val queries per block of the search: a block's [rows, N] float32 affinities (2 MB) stay in the CPU cache;
+    # 0 sizes the blocks from N
+    search_rows = 0
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
                  alpha_max: float = 3.0, beta_steps: int = 200, alpha_steps: int = 20,
@@ -270,7 +277,7 @@ class TipAdapter(Adapter):
         shifted = torch.cat([feats[i : i + self.chunk] @ self.keys.t() - 1.0 for i in starts]) if keep else None
         # Query blocks whose [rows, N] affinities stay in the CPU cache through the exp and the class sum, into
         # reused buffers (allocating per beta costs more than the arithmetic).
-        rows = max(1, min(self.search_rows, feats.shape[0]))
+        rows = search_block_rows(self.search_rows, feats.shape[0], self.keys.shape[0])
         buf = shifted.new_empty(rows, shifted.shape[1]) if keep else None
         cache = zs.new_empty(zs.shape) if keep else None
         prepared = time.perf_counter()
