@@ -161,8 +161,10 @@ def reconstruct_exact(index: Any, keys: np.ndarray) -> bool:
 
 
 def default_params(index: Any, k: int) -> str:
-    """Search settings good for recall at ``k``: IVF probes 1/8 of its lists (at least 8), HNSW explores
-    max(128, 2k) candidates. Measured by ``scripts/bench_faiss.py``; override with ``cache.search_params``."""
+    """Search settings that favour recall at ``k`` over speed: IVF probes 1/8 of its lists (at least 8), HNSW
+    explores max(128, 2k) candidates. Conservative, not tuned: they scan an eighth of an IVF index, so they cap its
+    speed-up near 8x; ``scripts/bench_faiss.py`` measures the recall of cheaper settings (``:tune``), and
+    ``cache.search_params`` sets them."""
     import faiss
 
     parts = []

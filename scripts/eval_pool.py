@@ -1,16 +1,24 @@
 """Grown cache vs plain cache: does adding pseudo-labelled pool images to the support set help Tip-Adapter?
 
-Two modes:
+Three modes:
 
 * ``--folder ROOT --pool POOL [overrides]``: the real evaluation. ``fewclip run`` twice on the same folder dataset
   (the labelled part), once with the plain cache (``pool.per_class=[0]``) and once with the pool's settings chosen on
   val (``pool.per_class`` without 0), printing val and test accuracy of each. Needs a backbone whose features mean
   something (real CLIP weights, or a trained model); the random ``tiny`` one says nothing.
+* ``--write-fashion-mnist DIR``: writes an evaluation set for the folder mode from Debian's
+  ``dataset-fashion-mnist`` (never seen by fewclip-mini's training): ``DIR/labelled/{train,val,test}/<class>/*.png``
+  (``--shots`` training images per class, ``--val-per-class``, ``--test-per-class`` from the official test set) and
+  ``DIR/pool/*.png``, ``--pool-size`` other training images with neutral names (the classes come out roughly
+  balanced, as a random sample does). Their true classes go to ``DIR/pool_labels.csv``, outside the pool, read
+  only by ``--pool-labels`` to score the pseudo-labels afterwards. All seeded.
 * ``--synthetic``: the mechanism on synthetic features with class structure (no images, no backbone): a few labelled
   shots per class, an unlabeled pool drawn from the same classes plus distractors, a noisy text head. The pool
   settings are chosen on val, test is scored once per side.
 
     python scripts/eval_pool.py --synthetic
+    python scripts/eval_pool.py --write-fashion-mnist /tmp/fm --shots 4
+    python scripts/eval_pool.py --folder /tmp/fm/labelled --pool /tmp/fm/pool backbone=mini shots=4
     python scripts/eval_pool.py --folder data/labelled --pool data/unlabeled backbone=vit_b16 shots=2
 """
 
@@ -90,6 +98,58 @@ def synthetic(args: argparse.Namespace) -> None:
         print(f"| {name} | {n} | {val_acc:.2f} | {evaluate(model, test_split):.2f} |")
 
 
+def write_fashion_mnist(args: argparse.Namespace) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from caches.data.datasets import FASHION_CLASSES, read_idx
+
+    src = Path(args.fashion_root)
+
+    def idx(stem: str) -> np.ndarray:
+        return read_idx(next(f for f in (src / f"{stem}.gz", src / stem) if f.is_file()))
+
+    train_x, train_y = idx("train-images-idx3-ubyte"), idx("train-labels-idx1-ubyte")
+    test_x, test_y = idx("t10k-images-idx3-ubyte"), idx("t10k-labels-idx1-ubyte")
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.write_fashion_mnist)
+    names = [c.replace("/", " or ").replace(" ", "_") for c in FASHION_CLASSES]  # folder names: _ reads as a space
+    used = np.zeros(len(train_y), bool)
+    plan = (("train", args.shots, train_x, train_y), ("val", args.val_per_class, train_x, train_y),
+            ("test", args.test_per_class, test_x, test_y))
+    for split, per, x, y in plan:
+        for c, name in enumerate(names):
+            free = np.flatnonzero((y == c) & (~used if split != "test" else True))
+            rows = rng.choice(free, per, replace=False)
+            if split != "test":
+                used[rows] = True
+            (out / "labelled" / split / name).mkdir(parents=True, exist_ok=True)
+            for r in rows:
+                Image.fromarray(x[r], mode="L").save(out / "labelled" / split / name / f"{split}{r:05d}.png")
+    pool = rng.choice(np.flatnonzero(~used), args.pool_size, replace=False)
+    (out / "pool").mkdir(parents=True, exist_ok=True)
+    truth = ["id,classname"]
+    for i, r in enumerate(rng.permutation(pool)):
+        Image.fromarray(train_x[r], mode="L").save(out / "pool" / f"{i:05d}.png")
+        truth.append(f"{i:05d}.png,{names[train_y[r]].replace('_', ' ')}")
+    (out / "pool_labels.csv").write_text("\n".join(truth) + "\n")
+    counts = np.bincount(train_y[pool], minlength=len(names))
+    print(f"wrote {out}/labelled ({args.shots} train, {args.val_per_class} val, {args.test_per_class} test per class; "
+          f"{len(names)} classes), {out}/pool ({args.pool_size} images; per class {counts.tolist()}) and "
+          f"{out}/pool_labels.csv")
+
+
+def pseudo_label_purity(meta_csv: Path, truth_csv: Path) -> tuple[int, int]:
+    """(right, total) pseudo-labels among the pool rows of a grown store's ``meta.csv``, by the true classes."""
+    import csv
+
+    with open(truth_csv, newline="") as f:
+        truth = {r["id"]: r["classname"] for r in csv.DictReader(f)}
+    with open(meta_csv, newline="") as f:
+        pool_rows = [r for r in csv.DictReader(f) if r["source"] == "pool"]
+    return sum(truth[r["id"]] == r["classname"] for r in pool_rows), len(pool_rows)
+
+
 def folder(args: argparse.Namespace, overrides: list[str]) -> None:
     out = Path(tempfile.mkdtemp(prefix="eval_pool-"))
     results = {}
@@ -99,10 +159,15 @@ def folder(args: argparse.Namespace, overrides: list[str]) -> None:
                         "adapter=tip", f"pool={args.pool}", *pool_args, *overrides, f"hydra.run.dir={run_dir}"],
                        check=True)
         results[name] = json.loads((run_dir / "result.json").read_text())
-    print("| cache | keys | val | test | pool setting |\n|---|---:|---:|---:|---|")
+    print(f"val {results['plain']['n_val']} images, test {results['plain']['n_test']} images")
+    print("| cache | keys | val | test | pool setting | pool labels right |\n|---|---:|---:|---:|---|---:|")
     for name, r in results.items():
+        right = "-"
+        if args.pool_labels and r.get("pool", {}).get("added"):
+            ok, n = pseudo_label_purity(Path(r["cache"]["support"]["path"]) / "meta.csv", Path(args.pool_labels))
+            right = f"{ok}/{n}"
         print(f"| {name} | {r['n_support']} | {r['val_acc']:.2f} | {r['test_acc']:.2f} | "
-              f"{r.get('pool', {}).get('chosen')} |")
+              f"{r.get('pool', {}).get('chosen')} | {right} |")
     print(f"load average {os.getloadavg()}")
 
 
@@ -117,13 +182,21 @@ def main() -> None:
     p.add_argument("--pool-per-class", type=int, default=40)
     p.add_argument("--distractors", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-fashion-mnist", metavar="DIR")
+    p.add_argument("--fashion-root", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--test-per-class", type=int, default=100)
+    p.add_argument("--pool-size", type=int, default=2000)
+    p.add_argument("--pool-labels", help="CSV (id, classname) of the pool's true classes, to score pseudo-labels")
     args, overrides = p.parse_known_args()
-    if args.synthetic:
+    if args.write_fashion_mnist:
+        write_fashion_mnist(args)
+    elif args.synthetic:
         synthetic(args)
     elif args.folder and args.pool:
         folder(args, overrides)
     else:
-        p.error("give --synthetic, or --folder ROOT --pool POOL")
+        p.error("give --synthetic, --write-fashion-mnist DIR, or --folder ROOT --pool POOL")
 
 
 if __name__ == "__main__":

@@ -377,3 +377,130 @@ def test_an_approximate_index_runs_through_fit_and_predict(folders):
     images = sorted(str(p) for p in (folders / "imgs").rglob("*.png"))[:5]
     probs = again.predict(images)
     assert probs.shape == (5, 3) and torch.allclose(probs.sum(1), torch.ones(5))
+
+
+# ------------------------------------------------------------------------------------------ benchmark and eval scripts
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_recall_counts_the_exact_neighbours_found():
+    bench = _script("bench_faiss")
+    found = torch.tensor([[1, 2, 3, 9], [5, 6, 7, 8]])
+    exact = torch.tensor([[3, 2, 1, 0], [0, 1, 2, 5]])
+    # first query: 3 of the exact top-3 {3,2,1} in the first 3 found; second: only 5 of {0,1,2}? none -> 0
+    assert bench.recall(found, exact, 3) == pytest.approx((3 / 3 + 0 / 3) / 2)
+    assert bench.recall(found, exact, 4) == pytest.approx((3 / 4 + 1 / 4) / 2)
+
+
+def test_bench_tuning_picks_the_cheapest_nprobe_that_reaches_the_target_on_its_queries():
+    import faiss
+
+    bench = _script("bench_faiss")
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(20, 16, generator=g)
+    keys = F.normalize(centres[torch.arange(4000) % 20] + 0.6 * torch.randn(4000, 16, generator=g), dim=-1)
+    queries = F.normalize(centres[torch.arange(200) % 20] + 0.6 * torch.randn(200, 16, generator=g), dim=-1)
+    exact = (queries @ keys.t()).topk(16, dim=1).indices
+    index = build_index(keys.numpy(), "IVF32,Flat")
+    target = 0.97
+    # independently: recall@16 of the rescored top-32 candidates at each nprobe, through faiss directly
+    ivf = faiss.extract_index_ivf(index)
+    expected, recalls = None, {}
+    for n in (1, 2, 4, 8, 16, 32):
+        ivf.nprobe = n
+        _, rows = index.search(queries.numpy(), 32)
+        rows = torch.from_numpy(rows)
+        best = torch.gather(rows, 1, ((queries[:, None] * keys[rows]).sum(-1)).argsort(1, descending=True))[:, :16]
+        recalls[n] = np.mean([len(set(b.tolist()) & set(e.tolist())) / 16 for b, e in zip(best, exact)])
+        if expected is None and recalls[n] >= target:
+            expected = f"nprobe={n}"
+    assert expected is not None and expected != "nprobe=1", recalls  # the grid matters on this set
+    chosen, tried = bench.tune_settings(KeyIndex(index, "IVF32,Flat"), queries, exact, keys, 32, target)
+    assert chosen == expected
+    assert [r for _, r in tried] == pytest.approx([recalls[int(s.split("=")[1])] for s, _ in tried])
+    assert all(r < target for _, r in tried[:-1]) and tried[-1][1] >= target
+
+
+def test_eval_pool_scores_pseudo_labels_against_the_true_classes(tmp_path):
+    pool_eval = _script("eval_pool")
+    (tmp_path / "meta.csv").write_text(
+        "row,id,label,classname,source,by,similarity,confidence\n"
+        "0,train/a/1.png,0,cat,shot,,,\n"
+        "1,00001.png,0,cat,pool,image,0.9,0.5\n"
+        "2,00002.png,1,dog,pool,image,0.9,0.5\n"
+        "3,00003.png,1,dog,pool,text,0.9,0.5\n")
+    (tmp_path / "truth.csv").write_text("id,classname\n00001.png,cat\n00002.png,cat\n00003.png,dog\n00004.png,dog\n")
+    assert pool_eval.pseudo_label_purity(tmp_path / "meta.csv", tmp_path / "truth.csv") == (2, 3)
+
+
+def test_eval_pool_writes_disjoint_labelled_splits_and_a_pool_whose_true_classes_match_the_images(tmp_path):
+    import argparse
+    import gzip
+
+    from PIL import Image
+
+    from caches.data.datasets import FASHION_CLASSES
+
+    def idx(path: Path, array: np.ndarray) -> None:
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+        with gzip.open(path, "wb") as f:
+            f.write(header + array.astype(np.uint8).tobytes())
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.permutation(np.arange(300) % 10), np.arange(60) % 10
+    # every image's pixels carry its class (20 * label) and its row (two more pixels), so the files can be checked
+    x_train = np.zeros((300, 28, 28), np.uint8)
+    x_train[:, 0, 0], x_train[:, 0, 1], x_train[:, 0, 2] = 20 * y_train, np.arange(300) // 256, np.arange(300) % 256
+    x_test = np.zeros((60, 28, 28), np.uint8)
+    x_test[:, 0, 0] = 20 * y_test
+    idx(src / "train-images-idx3-ubyte.gz", x_train)
+    idx(src / "train-labels-idx1-ubyte.gz", y_train)
+    idx(src / "t10k-images-idx3-ubyte.gz", x_test)
+    idx(src / "t10k-labels-idx1-ubyte.gz", y_test)
+    out = tmp_path / "fm"
+    pool_eval = _script("eval_pool")
+    pool_eval.write_fashion_mnist(argparse.Namespace(
+        fashion_root=str(src), seed=0, write_fashion_mnist=str(out), shots=2, val_per_class=3, test_per_class=4,
+        pool_size=100))
+    names = {c.replace("/", " or "): i for i, c in enumerate(FASHION_CLASSES)}
+
+    def pixels(p: Path) -> tuple[int, int]:
+        a = np.asarray(Image.open(p)).astype(int)
+        return a[0, 0], 256 * a[0, 1] + a[0, 2]
+
+    train_rows = set()
+    for split, per in (("train", 2), ("val", 3), ("test", 4)):
+        folders = sorted((out / "labelled" / split).iterdir())
+        assert len(folders) == 10
+        for folder in folders:
+            files = sorted(folder.glob("*.png"))
+            assert len(files) == per
+            assert {pixels(f)[0] for f in files} == {20 * names[folder.name.replace("_", " ")]}
+            if split != "test":
+                rows = {pixels(f)[1] for f in files}
+                assert not rows & train_rows  # train and val never share an image
+                train_rows |= rows
+    truth = dict(line.split(",") for line in (out / "pool_labels.csv").read_text().splitlines()[1:])
+    pool_files = sorted((out / "pool").glob("*.png"))
+    assert len(pool_files) == len(truth) == 100
+    for f in pool_files:
+        label, row = pixels(f)
+        assert label == 20 * names[truth[f.name]] and row not in train_rows  # no labelled image in the pool
+
+
+def test_bench_tuning_counts_a_setting_that_finds_fewer_than_k_as_recall_zero():
+    bench = _script("bench_faiss")
+    keys, queries = _keys(1000, 16, seed=4), _keys(50, 16, seed=5)
+    exact = (queries @ keys.t()).topk(16, dim=1).indices
+    index = KeyIndex(build_index(keys.numpy(), "IVF40,Flat"), "IVF40,Flat")  # ~25 keys per list, k = 64
+    chosen, tried = bench.tune_settings(index, queries, exact, keys, 64, 0.99)
+    assert tried[0] == ("nprobe=1", 0.0)
+    assert tried[-1][1] >= 0.99 and chosen == tried[-1][0]

@@ -107,10 +107,16 @@ OFFICIAL_METHODS = sorted({"tip", "tip_f", "ape", "ape_t", "coop", "coop_pixels"
 
 
 # ---------------------------------------------------------------------------------------------- tests
-def test_every_method_but_auto_has_a_recipe():
-    assert set(recipe_methods()) == set(group_options("adapter")) - {"auto"}
-    with pytest.raises(RecipeError, match="no reference recipe"):
-        compose_recipe("auto", "dtd", 16)
+# fewclip's own: auto (a selection among methods) and knn (the classical k-NN vote over the cache, no CLIP
+# few-shot paper to follow): protocol=reference refuses them.
+NO_PAPER = {"auto", "knn"}
+
+
+def test_every_paper_method_has_a_recipe():
+    assert set(recipe_methods()) == set(group_options("adapter")) - NO_PAPER
+    for method in NO_PAPER:
+        with pytest.raises(RecipeError, match="no reference recipe"):
+            compose_recipe(method, "dtd", 16)
 
 
 @pytest.mark.parametrize("method", recipe_methods())

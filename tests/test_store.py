@@ -81,7 +81,7 @@ def test_tampering_is_detected(tmp_path):
 
 def test_interrupted_write_leaves_no_valid_store(tmp_path, monkeypatch):
     keys, values, views = _arrays()
-    real_write = store_module._write_blocks
+    real_write = store_module.write_blocks
     calls = {"n": 0}
 
     def dying_write(path, blocks):
@@ -90,7 +90,7 @@ def test_interrupted_write_leaves_no_valid_store(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real_write(path, blocks)
 
-    monkeypatch.setattr(store_module, "_write_blocks", dying_write)
+    monkeypatch.setattr(store_module, "write_blocks", dying_write)
     with pytest.raises(KeyboardInterrupt):
         KVStore.write(tmp_path / "s", {"kind": "a"}, keys, values, views=views)
     assert not (tmp_path / "s").exists()
@@ -244,14 +244,16 @@ def test_unreadable_test_images_are_skipped_and_counted(tmp_path, tiny, class_fo
 
 # ---------------------------------------------------------------------------------------------- format 2
 def _count_hashing(monkeypatch):
+    import caches.storefiles as files
+
     calls: list[str] = []
-    real = store_module.sha256_file
+    real = files.sha256_file
 
     def counting(path, *a):
         calls.append(Path(path).name)
         return real(path, *a)
 
-    monkeypatch.setattr(store_module, "sha256_file", counting)
+    monkeypatch.setattr(files, "sha256_file", counting)
     return calls
 
 
@@ -398,14 +400,14 @@ def test_format_1_stores_are_read_with_full_hashing_and_never_reused_by_the_buil
 def test_cold_support_build_writes_each_view_once(tmp_path, tiny, monkeypatch):
     """The support store points at the bank's rows; a later store from the bank writes no views at all."""
     written: list[tuple[str, int]] = []
-    real = store_module._write_blocks
+    real = store_module.write_blocks
 
     def recording(path, blocks):
         rec = real(path, blocks)
         written.append((Path(path).name, rec["size"]))
         return rec
 
-    monkeypatch.setattr(store_module, "_write_blocks", recording)
+    monkeypatch.setattr(store_module, "write_blocks", recording)
     ds = load_digits(T)
     fs = sample_fewshot(ds, 4, seed=1)
     samples = select(ds, "train", fs.train)

@@ -23,7 +23,7 @@ import pytest
 from caches.builder import CacheBuilder
 from caches.data.datasets import load_digits
 from caches.locks import HOST, file_lock
-from caches.store import CacheWriteError
+from caches.storefiles import CacheWriteError
 
 T = ["a photo of a {}."]
 ROOT = Path(__file__).parents[1]
@@ -265,7 +265,7 @@ def test_disk_full_while_building_is_one_clear_error_and_leaves_nothing_behind(t
     import caches.store as store_module
 
     ds = load_digits(T)
-    real = store_module._write_blocks
+    real = store_module.write_blocks
     state = {"n": 0}
 
     def full_disk(path, blocks):
@@ -274,7 +274,7 @@ def test_disk_full_while_building_is_one_clear_error_and_leaves_nothing_behind(t
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, blocks)
 
-    monkeypatch.setattr(store_module, "_write_blocks", full_disk)
+    monkeypatch.setattr(store_module, "write_blocks", full_disk)
     b = CacheBuilder(tiny, tmp_path, progress=False)
     with pytest.raises(CacheWriteError, match=r"No space left on device \(ENOSPC\); free some space"):
         b.features(ds, "val", ds.splits["val"][:10])

@@ -11,7 +11,7 @@ import logging
 import re
 from typing import Any
 
-from caches.store import WRITE_ERRNOS
+from caches.storefiles import WRITE_ERRNOS
 
 
 def user_error(e: BaseException) -> BaseException | None:
