@@ -274,7 +274,9 @@ class TipAdapter(Adapter):
         alphas = torch.tensor(grid["alpha"], dtype=torch.float32)
         keep = 0 < feats.shape[0] * self.keys.shape[0] * 4 <= self.memory_budget_gb * 2**30
         starts = range(0, feats.shape[0], self.chunk)
-        shifted = torch.cat([feats[i : i + self.chunk] @ self.keys.t() - 1.0 for i in starts]) if keep else None
+        shifted = feats.new_empty(feats.shape[0], self.keys.shape[0]) if keep else None  # [Q, N], filled in chunks
+        for i in starts if keep else ():
+            torch.matmul(feats[i : i + self.chunk], self.keys.t(), out=shifted[i : i + self.chunk]).sub_(1.0)
         # Query blocks whose [rows, N] affinities stay in the CPU cache through the exp and the class sum, into
         # reused buffers (allocating per beta costs more than the arithmetic).
         rows = search_block_rows(self.search_rows, feats.shape[0], self.keys.shape[0])
