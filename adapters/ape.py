@@ -27,6 +27,15 @@ the text head gets wrong weigh more. (beta, alpha, gamma) are searched on val on
 beta in [0.1, 7) x 200, alpha in [0.1, 7) x 20, gamma in [0, 1) x 20 (``search_scale: [7, 7, 1]`` for most
 datasets; it is tuned per dataset there). ``w_sim, w_var = 0.7, 0.3`` (``w_training_free``, the most common).
 
+**Search cost.** The reference scores every grid point with its own ``exp`` of the ``[Q, N]`` affinities and a dense
+``[Q, N] x [N, C]`` product. Here the affinities are computed once; each beta costs one ``exp`` of them, each
+(beta, gamma) a reweighting and a per-class sum, each (beta, gamma, alpha) a fused add and two row maxima over
+``[Q, C]`` (``tip.alpha_accuracies``); the same logits as ``forward``. A cache of K keys per class is held
+shot-major (``tip.class_sum``) and the search runs in blocks of ``search_rows`` val queries that stay in the CPU
+cache. What remains is the grid itself: at ImageNet scale (Q = 4,000 val, N = 16,000 keys, C = 1,000) the
+reference's ImageNet grid of 200 x 20 x 5 points is 200 exps of 64 M values, 1,000 reweighted class sums of them
+and 20,000 argmaxes over 4 M logits.
+
 **APE-T.** A category residual R [C, k] (zero init) is added, on the selected channels, to every class's text
 embedding and to every cache key of that class; a per-key value weight (init 1) replaces R_F'W'. Affinities are then
 taken on all channels, as the reference's training code does: ``logits = 100 f t~^T + alpha exp(-beta (1 - f K~^T))
@@ -67,6 +76,8 @@ from adapters.tip import (
     class_sum,
     label_block,
     linear_grid,
+    search_block_rows,
+    shot_major_order,
     topk_search,
 )
 from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, choose_lookup, k_values
@@ -114,6 +125,11 @@ class APE(Adapter):
         lookup, topk, dense_max_keys: the cache lookup, as ``TipAdapter`` (top-k over the refined keys).
     """
 
+    # Keys held shot-major when every class has K of them (the cache's state is rebuilt by setup, so its order is
+    # free); APE-T keeps the store's order for its trained per-key weights.
+    keys_reorderable = True
+    search_rows = 0  # val queries per block of the search (0: sized from N, tip.search_block_rows)
+
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, gamma: float = 0.1, search: bool = True,
                  beta_max: float = 7.0, alpha_max: float = 7.0, gamma_max: float = 1.0, beta_steps: int = 200,
                  alpha_steps: int = 20, gamma_steps: int = 20, channel_ratio: float = REFERENCE_CHANNELS,
@@ -132,7 +148,8 @@ class APE(Adapter):
             raise ValueError(f"criterion_weights must be (w_sim, w_var), got {criterion_weights}")
         self.w_sim, self.w_var = (float(w) for w in criterion_weights)
         self.chunk = int(chunk)
-        self.block = 0
+        self.block = 0  # K when the cache holds K keys of every class (see tip.class_sum)
+        self.shot_major = False  # keys held shot-major (set by setup)
         self.register_buffer("channels", torch.empty(0, dtype=torch.int64), persistent=False)
         self.register_buffer("values", torch.empty(0, dtype=torch.int64), persistent=False)
         self.register_buffer("keys", torch.empty(0), persistent=False)
@@ -146,6 +163,10 @@ class APE(Adapter):
         self.block = label_block(self.values, ctx.n_classes)
         self.channels = select_channels(channel_criterion(self.text_head, keys, self.values, self.w_sim, self.w_var),
                                         self.channel_ratio)
+        self.shot_major = bool(self.block) and self.keys_reorderable
+        if self.shot_major:  # the faster class sum (tip.class_sum); the channels were chosen in the store's order
+            order = shot_major_order(ctx.n_classes, self.block, keys.device)
+            keys, self.values = keys[order], self.values[order]
         log.info("%s: %d of %d channels kept", type(self).__name__, len(self.channels), keys.shape[1])
         self.build_cache(keys)
         self.lookup_mode, self.lookup_reason = choose_lookup(self.lookup, len(self.values), self.dense_max_keys)
@@ -194,7 +215,7 @@ class APE(Adapter):
                            ) -> torch.Tensor:
         """``(A * w) L``: ``[B, N] affinities, [N] weights -> [B, C]`` (``out``: a ``[B, N]`` buffer to reuse)."""
         weighted = affinity * weights if out is None else torch.mul(affinity, weights, out=out)
-        return class_sum(weighted, self.values, self.text_head.shape[0], self.block)
+        return class_sum(weighted, self.values, self.text_head.shape[0], self.block, self.shot_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D] -> [B, C]``."""
@@ -256,18 +277,25 @@ class APE(Adapter):
         gammas = grid.get("gamma", [self.gamma])
         weights = [self.value_weights(g) for g in gammas]
         alphas = torch.tensor(grid["alpha"], dtype=torch.float32)
-        # reused [Q, N] buffers: allocating them per beta and gamma costs more than the arithmetic
-        affinity, weighted = torch.empty_like(shifted), torch.empty_like(shifted)
+        # Query blocks whose [rows, N] affinities stay in the CPU cache while the exp and every gamma's reweighting
+        # and class sum read them; reused buffers (allocating per beta costs more than the arithmetic).
+        rows = search_block_rows(self.search_rows, shifted.shape[0], shifted.shape[1])
+        affinity, weighted = shifted.new_empty(rows, shifted.shape[1]), shifted.new_empty(rows, shifted.shape[1])
+        caches = [text.new_empty(text.shape) for _ in gammas]  # [Q, C] per gamma
         prepared = time.perf_counter()
         best_acc, best = -1.0, (self.beta, self.alpha, self.gamma)
         betas = grid["beta"][:n_betas] if n_betas else grid["beta"]
         for beta in betas:
-            # The exp depends on beta only: once per beta, then one reweighting per gamma (the same operations as
-            # cache_logits, so the logits are bit for bit the ones forward produces).
-            torch.mul(shifted, beta, out=affinity).exp_()
+            # The exp depends on beta only: once per beta, then one reweighting per gamma (the same elementwise
+            # operations and per-row sums as cache_logits, so the logits are bit for bit the ones forward produces).
+            for i in range(0, shifted.shape[0], rows):
+                n = min(rows, shifted.shape[0] - i)
+                a = torch.mul(shifted[i : i + n], beta, out=affinity[:n]).exp_()
+                for w, cache in zip(weights, caches):
+                    cache[i : i + n] = self.weighted_class_sum(a, w, weighted[:n])
             # [alpha, gamma] accuracies, flattened alpha-major: the reference's innermost loop is gamma.
-            accs = torch.stack([alpha_accuracies(text, self.weighted_class_sum(affinity, w, weighted), labels, alphas)
-                                for w in weights], dim=1).reshape(-1)
+            accs = torch.stack([alpha_accuracies(text, cache, labels, alphas) for cache in caches],
+                               dim=1).reshape(-1)
             j = int(accs.argmax())  # the first maximum
             if float(accs[j]) > best_acc:
                 best_acc = float(accs[j])
@@ -303,6 +331,7 @@ class APET(TrainsOnFeatures, APE):
     """
 
     cost = "trained on cached features"
+    keys_reorderable = False  # value_scale is one trained weight per key, in the store's order
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
                  alpha_max: float = 7.0, beta_steps: int = 200, alpha_steps: int = 20,

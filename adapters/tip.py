@@ -4,7 +4,8 @@
 
 with K the cache keys (view-averaged support features) and V their one-hot labels. Because V is one-hot,
 ``A V`` is a per-class sum of the affinity columns, so it is computed with ``index_add`` over the key axis
-instead of a dense ``[N, C]`` matmul. alpha and beta are searched on val only, on the reference's grid
+instead of a dense ``[N, C]`` matmul; a dense training-free cache of K keys per class is held shot-major, which
+makes that sum K contiguous slices (``class_sum``). alpha and beta are searched on val only, on the reference's grid
 (beta in [0.1, beta_max), alpha in [0.1, alpha_max), 200 x 20 steps).
 
 **Large caches** (``lookup``, ``adapters/topk.py``): above ``dense_max_keys`` keys (``lookup: auto``), or always with
@@ -40,16 +41,32 @@ def beta_alpha_grid(beta_max: float, beta_steps: int, alpha_max: float, alpha_st
     return {"beta": linear_grid(0.1, beta_max, beta_steps), "alpha": linear_grid(0.1, alpha_max, alpha_steps)}
 
 
-def class_sum(values: torch.Tensor, labels: torch.Tensor, n_classes: int, block: int = 0) -> torch.Tensor:
+def class_sum(values: torch.Tensor, labels: torch.Tensor, n_classes: int, block: int = 0,
+              shot_major: bool = False) -> torch.Tensor:
     """Sum columns by class: ``[B, N] x labels [N] -> [B, C]``, i.e. ``values @ one_hot(labels)``.
 
     ``block = K > 0`` declares that the labels are ``0,..,0, 1,..,1, ...`` with K of each (a few-shot cache
     in class order): the sum is then a reshape, several times faster than the scatter of ``index_add``.
+    With ``shot_major`` the labels are ``0,1,..,C-1, 0,1,..`` (K rounds, see ``shot_major_order``): the sum of K
+    contiguous ``[B, C]`` slices, about 4x faster again on a CPU than K-element sums within each class.
     """
+    if block and shot_major:
+        return values.view(values.shape[0], block, n_classes).sum(dim=1)
     if block:
         return values.view(values.shape[0], n_classes, block).sum(dim=-1)
     out = values.new_zeros(values.shape[0], n_classes)
     return out.index_add_(1, labels.to(values.device), values)
+
+
+def shot_major_order(n_classes: int, block: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[C K]`` indices that reorder a class-ordered cache (K keys per class) shot-major: shot 0 of every class,
+    then shot 1, ... (``class_sum(..., shot_major=True)``)."""
+    return torch.arange(n_classes * block, device=device).view(n_classes, block).t().reshape(-1)
+
+
+def search_block_rows(rows: int, n_queries: int, n_keys: int) -> int:
+    """Queries per block of a cache search: ``rows``, or (0) as many as fill 2 MB of float32 affinities."""
+    return max(1, min(rows or max(8, 2**19 // max(1, n_keys)), n_queries))
 
 
 def label_block(labels: torch.Tensor, n_classes: int) -> int:
@@ -139,6 +156,10 @@ class TipAdapter(Adapter):
         topk: k, or several k to search on val (each capped at N).
     """
 
+    # val queries per block of the search: a block's [rows, N] float32 affinities (2 MB) stay in the CPU cache;
+    # 0 sizes the blocks from N
+    search_rows = 0
+
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
                  alpha_max: float = 3.0, beta_steps: int = 200, alpha_steps: int = 20,
                  chunk: int = 2048, memory_budget_gb: float = 4.0, lookup: str = "auto",
@@ -149,7 +170,8 @@ class TipAdapter(Adapter):
         self.lookup_mode, self.lookup_reason, self.k = "dense", "", 0
         self.key_lookup: KeyLookup | None = None
         self.memory_budget_gb = float(memory_budget_gb)
-        self.block = 0  # K when the cache is K-per-class in class order (set by setup)
+        self.block = 0  # K when the cache holds K keys of every class (set by setup)
+        self.shot_major = False  # keys held shot-major (set by setup; see class_sum)
         self.alpha, self.beta, self.search = float(alpha), float(beta), bool(search)
         self.beta_max, self.alpha_max = float(beta_max), float(alpha_max)
         self.beta_steps, self.alpha_steps, self.chunk = int(beta_steps), int(alpha_steps), int(chunk)
@@ -162,6 +184,12 @@ class TipAdapter(Adapter):
         self.values = ctx.support.labels.to(ctx.device)
         self.block = label_block(self.values, ctx.n_classes)
         self.lookup_mode, self.lookup_reason = choose_lookup(self.lookup, len(self.values), self.dense_max_keys)
+        # A dense training-free cache is rebuilt by every setup, so its order is free: shot-major for the faster
+        # class sum. Tip-F's keys are its trained state and the top-k lookup reads the store's index: store order.
+        self.shot_major = bool(self.block) and self.lookup_mode == "dense" and not self.trainable
+        if self.shot_major:
+            order = shot_major_order(ctx.n_classes, self.block, self.keys.device)
+            self.keys, self.values = self.keys[order], self.values[order]
         if self.lookup_mode == "topk":
             self.k = k_values(self.topk, len(self.values))[-1]
             # Tip-F trains its keys: they stop being the store's, and the index is rebuilt over them.
@@ -199,7 +227,8 @@ class TipAdapter(Adapter):
         out = []
         for i in range(0, features.shape[0], self.chunk):
             affinity = features[i : i + self.chunk].float() @ self.keys.t()
-            out.append(class_sum(torch.exp(-beta * (1.0 - affinity)), self.values, n_cls, self.block))
+            out.append(class_sum(torch.exp(-beta * (1.0 - affinity)), self.values, n_cls, self.block,
+                                 self.shot_major))
         return torch.cat(out) if out else features.new_zeros(0, n_cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,10 +272,16 @@ class TipAdapter(Adapter):
         n_cls = self.text_head.shape[0]
         zs = self.zero_shot_logits(feats)
         alphas = torch.tensor(grid["alpha"], dtype=torch.float32)
-        keep = feats.shape[0] * self.keys.shape[0] * 4 <= self.memory_budget_gb * 2**30
+        keep = 0 < feats.shape[0] * self.keys.shape[0] * 4 <= self.memory_budget_gb * 2**30
         starts = range(0, feats.shape[0], self.chunk)
-        shifted = [feats[i : i + self.chunk] @ self.keys.t() - 1.0 for i in starts] if keep else None
-        buf = torch.empty_like(shifted[0]) if shifted else None  # reused: no 100s-of-MB allocation per beta
+        shifted = feats.new_empty(feats.shape[0], self.keys.shape[0]) if keep else None  # [Q, N], filled in chunks
+        for i in starts if keep else ():
+            torch.matmul(feats[i : i + self.chunk], self.keys.t(), out=shifted[i : i + self.chunk]).sub_(1.0)
+        # Query blocks whose [rows, N] affinities stay in the CPU cache through the exp and the class sum, into
+        # reused buffers (allocating per beta costs more than the arithmetic).
+        rows = search_block_rows(self.search_rows, feats.shape[0], self.keys.shape[0])
+        buf = shifted.new_empty(rows, shifted.shape[1]) if keep else None
+        cache = zs.new_empty(zs.shape) if keep else None
         prepared = time.perf_counter()
         best_acc, best = -1.0, (self.beta, self.alpha)
         betas = grid["beta"][:n_betas] if n_betas else grid["beta"]
@@ -254,9 +289,12 @@ class TipAdapter(Adapter):
             if shifted is None:
                 cache = self.cache_logits(feats, beta)
             else:
-                # exp(beta (a - 1)) equals exp(-beta (1 - a)) bit for bit (IEEE negation is exact).
-                cache = torch.cat([class_sum(torch.mul(a, beta, out=buf[: len(a)]).exp_(), self.values, n_cls,
-                                             self.block) for a in shifted])
+                # exp(beta (a - 1)) equals exp(-beta (1 - a)) bit for bit (IEEE negation is exact), and the class
+                # sums are per row: the logits are those forward produces.
+                for i in range(0, shifted.shape[0], rows):
+                    n = min(rows, shifted.shape[0] - i)
+                    cache[i : i + n] = class_sum(torch.mul(shifted[i : i + n], beta, out=buf[:n]).exp_(),
+                                                 self.values, n_cls, self.block, self.shot_major)
             accs = alpha_accuracies(zs, cache, labels, alphas)
             j = int(accs.argmax())  # first maximum: lowest alpha among ties
             if float(accs[j]) > best_acc:

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 Batches = Callable[[int, torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # torch's fused AdamW
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
@@ -280,8 +283,13 @@ def train(
 def _optimizer(groups: list[dict[str, Any]], spec: TrainSpec) -> torch.optim.Optimizer:
     if spec.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    # The fused kernel (one pass over each parameter) computes the same AdamW update as the default per-op
+    # implementation, up to float rounding; on a CPU it is ~10x faster for a large parameter such as Tip-Adapter-F's
+    # [N, D] keys, where the per-op update cost as much as the step's matmuls.
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params)
     return torch.optim.AdamW(groups, lr=spec.lr, eps=spec.eps, betas=tuple(spec.betas),
-                             weight_decay=spec.weight_decay)
+                             weight_decay=spec.weight_decay, fused=fused or None)
 
 
 def probe_step_seconds(adapter: Adapter, batches: Batches, spec: TrainSpec,

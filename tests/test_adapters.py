@@ -95,6 +95,26 @@ def test_alpha_accuracies_equal_brute_force(seed):
         assert fast.tolist() == pytest.approx(slow, abs=1e-9)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_alpha_accuracies_equal_argmax_at_every_alpha_with_many_classes(seed):
+    # many classes, near-equal logits (a flat cache, a spread text head), exact ties, non-finite rows and the
+    # reference's alpha range
+    g = torch.Generator().manual_seed(seed)
+    n, c = 700, 400
+    zs = torch.randn(n, c, generator=g) * (0.5 + seed)
+    cache = torch.rand(n, c, generator=g) ** (1 + 4 * seed) * 3
+    zs[:50] = zs[:50].round()  # exact ties between classes
+    cache[:50] = cache[:50].round()
+    cache[50:60] = float("inf")  # non-finite rows
+    labels = torch.randint(0, c, (n,), generator=g)
+    labels[60:160] = (zs + 2.0 * cache)[60:160].argmax(dim=1)  # many hits
+    alphas = torch.tensor(linear_grid(0.1, 7.0, 20))
+    expected = [float((torch.add(zs, cache, alpha=a).argmax(dim=1) == labels).double().mean() * 100)
+                for a in alphas.tolist()]
+    for block in (128, 512):
+        assert alpha_accuracies(zs, cache, labels, alphas, block=block).tolist() == pytest.approx(expected, abs=1e-9)
+
+
 def test_alpha_accuracies_break_ties_like_argmax():
     # small integers: many classes share the row maximum, before and after the label; argmax picks the lowest
     g = torch.Generator().manual_seed(0)
@@ -108,6 +128,34 @@ def test_alpha_accuracies_break_ties_like_argmax():
     assert ties > 100  # the case under test does occur
     for block in (5, 512):
         assert alpha_accuracies(zs, cache, labels, alphas, block=block).tolist() == pytest.approx(slow, abs=1e-9)
+
+
+def test_tip_cache_in_class_order_and_shuffled_give_the_same_logits_and_search():
+    # K keys per class in class order: training-free Tip holds them shot-major (a faster class sum); a shuffled
+    # store keeps the general per-label sum; Tip-F keeps the store's order (its keys are trained state).
+    from adapters.tip_f import TipAdapterF
+
+    x, y, means = synthetic_features(7, 4, 12, noise=0.9, seed=5)
+    g = torch.Generator().manual_seed(6)
+    text = F.normalize(means + 1.0 * torch.randn(means.shape, generator=g), dim=-1)
+    v, vy, _ = synthetic_features(7, 9, 12, noise=0.9, seed=7, means=means)
+    val = FeatureSplit(features=v, labels=vy)
+    perm = torch.randperm(len(y), generator=g)
+    kw = dict(beta_max=9.0, alpha_max=4.0, beta_steps=12, alpha_steps=6)
+    ordered, mixed, slow = TipAdapter(**kw), TipAdapter(**kw), TipAdapter(**kw)
+    ordered.setup(_ctx(text, x, y))
+    mixed.setup(_ctx(text, x[perm], y[perm]))
+    slow.setup(_ctx(text, x, y))
+    assert ordered.shot_major and not mixed.shot_major
+    assert torch.equal(ordered.values[:7], torch.arange(7))  # shot 0 of every class first
+    tip_f = TipAdapterF(**kw)
+    tip_f.setup(_ctx(text, x, y))
+    assert not tip_f.shot_major and torch.equal(tip_f.values, y)
+    torch.testing.assert_close(ordered.predict(v), mixed.predict(v), rtol=1e-5, atol=1e-4)
+    ordered.search_rows = 5  # blocks that do not divide the val queries
+    rec, rec_slow = ordered.tune(val), grid_search(slow, val)
+    assert (ordered.beta, ordered.alpha) == (slow.beta, slow.alpha)
+    assert rec["val_acc"] == rec_slow["val_acc"] == accuracy(ordered.predict(v), vy)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

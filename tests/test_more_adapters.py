@@ -161,6 +161,25 @@ def test_ape_search_equals_the_plain_grid_loop_in_the_reference_order(task):
     assert rec["grid_size"] == 6 * 5 * 4
 
 
+def test_ape_cache_in_class_order_and_shuffled_give_the_same_logits_and_search(task):
+    # K keys per class in class order: the cache is held shot-major (a faster class sum); a shuffled store keeps
+    # the general per-label sum. Both must give the same logits, and each search must match the plain grid loop.
+    support, text, val, _ = task
+    perm = torch.randperm(len(support.labels), generator=torch.Generator().manual_seed(4))
+    shuffled = SupportSet(keys=support.keys[perm], labels=support.labels[perm], views=support.views[:, perm])
+    kw = dict(beta_max=6.0, alpha_max=5.0, gamma_max=2.0, beta_steps=5, alpha_steps=4, gamma_steps=3)
+    ordered, mixed = _setup(APE(**kw), support, text), _setup(APE(**kw), shuffled, text)
+    assert ordered.block == 8 and mixed.block == 0
+    assert torch.equal(ordered.values[:C], torch.arange(C))  # shot 0 of every class first
+    torch.testing.assert_close(ordered.predict(val.features), mixed.predict(val.features), rtol=1e-5, atol=1e-4)
+    ordered.search_rows = 7  # blocks that do not divide the val queries
+    for ape in (ordered, mixed):
+        slow = _setup(APE(**kw), support if ape is ordered else shuffled, text)
+        rec, rec_slow = ape.tune(val), grid_search(slow, val)
+        assert ape.hparams() == slow.hparams()
+        assert rec["val_acc"] == rec_slow["val_acc"] == accuracy(ape.predict(val.features), val.labels)
+
+
 def test_ape_t_before_training_is_tip_adapter_on_all_channels(task):
     support, text, _, test = task
     ape_t = _setup(APET(alpha=1.7, beta=4.0, search=False), support, text)
