@@ -87,8 +87,8 @@ def demo_plan(datasets: list[str], adapters: list[str], overrides: list[str], fu
     cfg = compose([f"dataset={datasets[0]}", *demo_overrides("", overrides)])
     check_settings(cfg)
     backbone = instantiate_node(cfg.backbone)
+    # Loaded once: load_backbone keeps the last backbone, so the first job reuses this one.
     per_image, device = seconds_per_image(backbone), backbone.device.type
-    del backbone  # the jobs load their own; the estimate's copy is not kept in memory beside them
 
     def adapter_cfg(name: str, dataset: str) -> Any:
         return compose([f"dataset={dataset}", f"adapter={name}", *demo_overrides(name, overrides)])
