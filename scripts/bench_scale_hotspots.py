@@ -19,7 +19,7 @@ point and val accuracy over the searched betas are equal; Tip-F's keys after ``-
 the same start agree to float rounding (the optimiser update is the same formula, its kernel may round
 differently: the largest difference is printed).
 
-    python scripts/bench_scale_hotspots.py --baseline integrate --rounds 3
+    python scripts/bench_scale_hotspots.py --baseline 77e49df --rounds 3
     python scripts/bench_scale_hotspots.py --baseline HEAD~3 --only ape_beta,tip_beta --betas 4
 
 One thread per child by default (``--threads``), as the scale benchmark runs.
@@ -108,7 +108,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--baseline", default="integrate", help="git revision to compare with (default: integrate)")
+    ap.add_argument("--baseline", default="77e49df",
+                    help="git revision to compare with (default: the tree before the shot-major cache and fused AdamW)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--betas", type=int, default=3, help="betas of each search timed per round")
     ap.add_argument("--steps", type=int, default=3, help="Tip-F steps timed per round")
