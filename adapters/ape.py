@@ -60,6 +60,7 @@ searched on val. APE-T trains a residual on every key and always reads the cache
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -68,16 +69,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import Adapter, AdapterContext, FeatureSplit
+from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet
 from adapters.tip import (
     TipAdapter,
     alpha_accuracies,
     beta_alpha_grid,
+    check_train_at,
     class_sum,
+    fit_from_start,
     label_block,
     linear_grid,
     search_block_rows,
     shot_major_order,
+    start_search_seconds,
     topk_search,
 )
 from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, choose_lookup, k_values
@@ -119,6 +123,8 @@ class APE(Adapter):
         search: search (beta, alpha, gamma) on val.
         beta_max, alpha_max, gamma_max, beta_steps, alpha_steps, gamma_steps: the grid (``search_scale``,
             ``search_step``); beta and alpha start at 0.1, gamma at 0.
+        grid, beta_min, alpha_min: the spacing of the beta and alpha axes, as ``TipAdapter`` (``linear``: the
+            reference's; ``log``: [min, max] log-spaced); gamma stays linear on [0, gamma_max).
         channel_ratio: fraction of the channels kept (800 / 1024 in the reference).
         criterion_weights: ``(w_sim, w_var)``.
         chunk: queries per block when computing affinities.
@@ -134,8 +140,10 @@ class APE(Adapter):
                  beta_max: float = 7.0, alpha_max: float = 7.0, gamma_max: float = 1.0, beta_steps: int = 200,
                  alpha_steps: int = 20, gamma_steps: int = 20, channel_ratio: float = REFERENCE_CHANNELS,
                  criterion_weights: Sequence[float] = (0.7, 0.3), chunk: int = 2048, lookup: str = "auto",
-                 topk: int | Sequence[int] = (16, 32, 64, 128, 256), dense_max_keys: int = DENSE_MAX_KEYS) -> None:
+                 topk: int | Sequence[int] = (16, 32, 64, 128, 256), dense_max_keys: int = DENSE_MAX_KEYS,
+                 grid: str = "linear", beta_min: float = 0.1, alpha_min: float = 0.1) -> None:
         super().__init__()
+        self.grid, self.beta_min, self.alpha_min = str(grid), float(beta_min), float(alpha_min)
         choose_lookup(lookup, 0)  # validates the mode
         self.lookup, self.topk, self.dense_max_keys = str(lookup), topk, int(dense_max_keys)
         self.lookup_mode, self.lookup_reason, self.k = "dense", "", 0
@@ -143,6 +151,7 @@ class APE(Adapter):
         self.alpha, self.beta, self.gamma, self.search = float(alpha), float(beta), float(gamma), bool(search)
         self.beta_max, self.alpha_max, self.gamma_max = float(beta_max), float(alpha_max), float(gamma_max)
         self.beta_steps, self.alpha_steps, self.gamma_steps = int(beta_steps), int(alpha_steps), int(gamma_steps)
+        beta_alpha_grid(self.beta_max, 1, self.alpha_max, 1, self.grid, self.beta_min, self.alpha_min)  # checks
         self.channel_ratio = float(channel_ratio)
         if len(criterion_weights) != 2:
             raise ValueError(f"criterion_weights must be (w_sim, w_var), got {criterion_weights}")
@@ -233,8 +242,12 @@ class APE(Adapter):
     def hparam_grid(self) -> dict[str, list[float]]:
         if not self.search:
             return {}
-        return {**beta_alpha_grid(self.beta_max, self.beta_steps, self.alpha_max, self.alpha_steps),
-                "gamma": linear_grid(0.0, self.gamma_max, self.gamma_steps)}
+        return {**self.beta_alpha(), "gamma": linear_grid(0.0, self.gamma_max, self.gamma_steps)}
+
+    def beta_alpha(self) -> dict[str, list[float]]:
+        """The beta and alpha axes of the search grid (``tip.beta_alpha_grid``)."""
+        return beta_alpha_grid(self.beta_max, self.beta_steps, self.alpha_max, self.alpha_steps, self.grid,
+                               self.beta_min, self.alpha_min)
 
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
@@ -327,6 +340,8 @@ class APET(TrainsOnFeatures, APE):
         alpha, beta: used while training, then searched on val (``search``) over beta in [0.1, beta_max) and
             alpha in [0.1, alpha_max).
         channel_ratio, criterion_weights: as APE (the reference's ``training_feat_num`` and ``w_training``).
+        train_at: ``fixed`` trains at ``alpha``/``beta``; ``search`` first searches them on val with the untrained
+            residual and value weights (``tip.searched_start``).
         **train_kwargs: ``TrainSpec`` fields (epochs, lr, ...).
     """
 
@@ -336,13 +351,22 @@ class APET(TrainsOnFeatures, APE):
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
                  alpha_max: float = 7.0, beta_steps: int = 200, alpha_steps: int = 20,
                  channel_ratio: float = REFERENCE_CHANNELS, criterion_weights: Sequence[float] = (0.2, 0.8),
-                 chunk: int = 2048, **train_kwargs: Any) -> None:
+                 chunk: int = 2048, grid: str = "linear", beta_min: float = 0.1, alpha_min: float = 0.1,
+                 train_at: str = "fixed", **train_kwargs: Any) -> None:
         APE.__init__(self, alpha=alpha, beta=beta, gamma=0.0, search=search, beta_max=beta_max, alpha_max=alpha_max,
                      beta_steps=beta_steps, alpha_steps=alpha_steps, channel_ratio=channel_ratio,
-                     criterion_weights=criterion_weights, chunk=chunk, lookup="dense")  # trains every key
+                     criterion_weights=criterion_weights, chunk=chunk, lookup="dense",  # trains every key
+                     grid=grid, beta_min=beta_min, alpha_min=alpha_min)
         self.init_training(train_kwargs)
+        self.train_at = check_train_at(train_at)
         self.residual: nn.Parameter | None = None
         self.value_scale: nn.Parameter | None = None
+
+    def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
+        return fit_from_start(self, val, lambda: super(APET, self).fit(train_set, val))
+
+    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit, limit_s: float = math.inf) -> float:
+        return super().estimate_fit_seconds(train_set, val, limit_s) + start_search_seconds(self, val)
 
     def build_cache(self, keys: torch.Tensor) -> None:
         self.keys = keys  # all channels: APE-T's affinities are not refined
@@ -376,9 +400,7 @@ class APET(TrainsOnFeatures, APE):
         return self.value_scale  # learned; gamma has no role in APE-T
 
     def hparam_grid(self) -> dict[str, list[float]]:
-        if not self.search:
-            return {}
-        return beta_alpha_grid(self.beta_max, self.beta_steps, self.alpha_max, self.alpha_steps)
+        return self.beta_alpha() if self.search else {}
 
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "beta": self.beta}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,14 +31,70 @@ from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, choose_
 log = logging.getLogger(__name__)
 
 
+GRID_SPACINGS = ("linear", "log")
+
+
 def linear_grid(lo: float, hi: float, steps: int) -> list[float]:
     """The reference search grid: ``lo + i (hi - lo) / steps`` for i in [0, steps) (hi excluded)."""
     return [lo + i * (hi - lo) / steps for i in range(steps)]
 
 
-def beta_alpha_grid(beta_max: float, beta_steps: int, alpha_max: float, alpha_steps: int) -> dict[str, list[float]]:
-    """Tip-Adapter's search grid, beta in [0.1, beta_max) then alpha in [0.1, alpha_max) (shared by APE)."""
-    return {"beta": linear_grid(0.1, beta_max, beta_steps), "alpha": linear_grid(0.1, alpha_max, alpha_steps)}
+def log_grid(lo: float, hi: float, steps: int) -> list[float]:
+    """``steps`` values from ``lo`` to ``hi`` (both included) evenly spaced on a log scale (``0 < lo <= hi``)."""
+    if not 0 < lo <= hi:
+        raise ValueError(f"a log-spaced grid needs 0 < lo <= hi, got [{lo}, {hi}]")
+    if steps == 1:
+        return [float(lo)]
+    return [float(lo * (hi / lo) ** (i / (steps - 1))) for i in range(steps)]
+
+
+def search_axis(spacing: str, lo: float, hi: float, steps: int) -> list[float]:
+    """One axis of a cache method's search grid: ``linear`` (the reference's, hi excluded) or ``log`` (hi included)."""
+    if spacing not in GRID_SPACINGS:
+        raise ValueError(f"grid spacing must be one of {GRID_SPACINGS}, got {spacing!r}")
+    return linear_grid(lo, hi, steps) if spacing == "linear" else log_grid(lo, hi, steps)
+
+
+def beta_alpha_grid(beta_max: float, beta_steps: int, alpha_max: float, alpha_steps: int, spacing: str = "linear",
+                    beta_min: float = 0.1, alpha_min: float = 0.1) -> dict[str, list[float]]:
+    """Tip-Adapter's search grid, beta then alpha (shared by APE and Tip-F).
+
+    ``linear`` is the reference's: beta in [0.1, beta_max), alpha in [0.1, alpha_max) (``utils.py search_hp``).
+    ``log`` spans [beta_min, beta_max] and [alpha_min, alpha_max] evenly on a log scale: beta and alpha are scale
+    parameters, and how large they must be depends on the backbone's feature geometry (see ``TipAdapter``).
+    """
+    return {"beta": search_axis(spacing, beta_min, beta_max, beta_steps),
+            "alpha": search_axis(spacing, alpha_min, alpha_max, alpha_steps)}
+
+
+TRAIN_STARTS = ("fixed", "search")
+
+
+def check_train_at(train_at: str) -> str:
+    if train_at not in TRAIN_STARTS:
+        raise ValueError(f"train_at must be one of {TRAIN_STARTS}, got {train_at!r}")
+    return train_at
+
+
+def fit_from_start(adapter: Any, val: Any, fit: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``fit()`` of a trained cache method (Tip-F, APE-T) from where its ``train_at`` says.
+
+    ``search``: first set (beta, alpha) by the adapter's own val search of its untrained cache (``adapter.tune``), so
+    that training runs at the sharpness and weight that suit the backbone's feature geometry; the record gains
+    ``train_at``. The references train at values set by hand per dataset (``configs/*.yaml`` init_beta,
+    init_alpha); ``fixed`` keeps the configured ``beta``/``alpha``.
+    """
+    start = None
+    if adapter.train_at == "search" and val is not None and len(val) > 0:
+        selection = adapter.tune(val)
+        start = {"beta": adapter.beta, "alpha": adapter.alpha, "val_acc": selection.get("val_acc"), "on": "val"}
+    record = fit()
+    return {**record, "train_at": start} if start else record
+
+
+def start_search_seconds(adapter: Any, val: Any) -> float:
+    """The predicted cost of ``train_at: search`` (0 for ``fixed``)."""
+    return adapter.estimate_tune_seconds(val) if adapter.train_at == "search" else 0.0
 
 
 def class_sum(values: torch.Tensor, labels: torch.Tensor, n_classes: int, block: int = 0,
@@ -149,6 +205,9 @@ class TipAdapter(Adapter):
         search: search (beta, alpha) on val.
         beta_max, alpha_max: upper ends of the search ranges (Tip-Adapter's ``search_scale``).
         beta_steps, alpha_steps: grid sizes (Tip-Adapter's ``search_step``).
+        grid: ``linear`` (the reference's: [0.1, max), ``beta_min``/``alpha_min`` unused) or ``log`` (log-spaced
+            over [min, max]; ``conf/adapter/tip.yaml``'s default, see the module docstring).
+        beta_min, alpha_min: lower ends of a ``log`` grid.
         chunk: queries per block when computing affinities (bounds memory at ``chunk x N`` floats).
         memory_budget_gb: keep the val affinities ``[Q, N]`` in memory during the search when they fit.
         lookup: ``dense`` (every key), ``topk`` (each query's k nearest keys, through faiss) or ``auto`` (top-k above
@@ -163,8 +222,10 @@ class TipAdapter(Adapter):
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
                  alpha_max: float = 3.0, beta_steps: int = 200, alpha_steps: int = 20,
                  chunk: int = 2048, memory_budget_gb: float = 4.0, lookup: str = "auto",
-                 topk: int | Sequence[int] = (16, 32, 64, 128, 256), dense_max_keys: int = DENSE_MAX_KEYS) -> None:
+                 topk: int | Sequence[int] = (16, 32, 64, 128, 256), dense_max_keys: int = DENSE_MAX_KEYS,
+                 grid: str = "linear", beta_min: float = 0.1, alpha_min: float = 0.1) -> None:
         super().__init__()
+        self.grid, self.beta_min, self.alpha_min = str(grid), float(beta_min), float(alpha_min)
         choose_lookup(lookup, 0)  # validates the mode
         self.lookup, self.topk, self.dense_max_keys = str(lookup), topk, int(dense_max_keys)
         self.lookup_mode, self.lookup_reason, self.k = "dense", "", 0
@@ -175,6 +236,8 @@ class TipAdapter(Adapter):
         self.alpha, self.beta, self.search = float(alpha), float(beta), bool(search)
         self.beta_max, self.alpha_max = float(beta_max), float(alpha_max)
         self.beta_steps, self.alpha_steps, self.chunk = int(beta_steps), int(alpha_steps), int(chunk)
+        # Checks the grid's settings now, not after the support set is encoded.
+        beta_alpha_grid(self.beta_max, 1, self.alpha_max, 1, self.grid, self.beta_min, self.alpha_min)
         self.register_buffer("keys", torch.empty(0), persistent=False)
         self.register_buffer("values", torch.empty(0, dtype=torch.int64), persistent=False)
 
@@ -214,7 +277,8 @@ class TipAdapter(Adapter):
     def hparam_grid(self) -> dict[str, list[float]]:
         if not self.search:
             return {}
-        return beta_alpha_grid(self.beta_max, self.beta_steps, self.alpha_max, self.alpha_steps)
+        return beta_alpha_grid(self.beta_max, self.beta_steps, self.alpha_max, self.alpha_steps, self.grid,
+                               self.beta_min, self.alpha_min)
 
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "beta": self.beta, **({"k": self.k} if self.uses_topk else {})}

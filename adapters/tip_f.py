@@ -19,30 +19,39 @@ keys and (beta, k, alpha) are searched and predictions made through each query's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from adapters.base import AdapterContext, FeatureSplit, SupportSet
-from adapters.tip import TipAdapter
+from adapters.tip import TipAdapter, check_train_at, fit_from_start, start_search_seconds
 from adapters.topk import DENSE_MAX_KEYS
 from adapters.training import TrainsOnFeatures
 
 
 class TipAdapterF(TrainsOnFeatures, TipAdapter):
-    """Tip-Adapter-F. ``alpha``/``beta`` are used while training, then searched on val (``search``)."""
+    """Tip-Adapter-F. ``alpha``/``beta`` are used while training, then searched on val (``search``).
+
+    Args:
+        train_at: ``fixed`` trains at ``alpha``/``beta`` (the reference's per-dataset init values); ``search`` first
+            searches them on val with the untrained cache (``tip.searched_start``).
+        (the rest as ``TipAdapter``, plus ``TrainSpec`` fields)
+    """
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, search: bool = True, beta_max: float = 7.0,
                  alpha_max: float = 3.0, beta_steps: int = 200, alpha_steps: int = 20, chunk: int = 2048,
                  memory_budget_gb: float = 4.0, lookup: str = "auto",
                  topk: int | Sequence[int] = (16, 32, 64, 128, 256), dense_max_keys: int = DENSE_MAX_KEYS,
+                 grid: str = "linear", beta_min: float = 0.1, alpha_min: float = 0.1, train_at: str = "fixed",
                  **train_kwargs: Any) -> None:
         TipAdapter.__init__(self, alpha=alpha, beta=beta, search=search, beta_max=beta_max, alpha_max=alpha_max,
                             beta_steps=beta_steps, alpha_steps=alpha_steps, chunk=chunk,
                             memory_budget_gb=memory_budget_gb, lookup=lookup, topk=topk,
-                            dense_max_keys=dense_max_keys)
+                            dense_max_keys=dense_max_keys, grid=grid, beta_min=beta_min, alpha_min=alpha_min)
         self.init_training(train_kwargs)
+        self.train_at = check_train_at(train_at)
         self._fitting = False
 
     def setup(self, ctx: AdapterContext) -> None:
@@ -58,8 +67,14 @@ class TipAdapterF(TrainsOnFeatures, TipAdapter):
         return self.lookup_mode == "topk" and not self._fitting
 
     def fit(self, train: SupportSet, val: FeatureSplit) -> dict[str, Any]:
+        return fit_from_start(self, val, lambda: self._fit(train, val))
+
+    def _fit(self, train: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         self._fitting = True
         try:
             return super().fit(train, val)
         finally:
             self._fitting = False
+
+    def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit, limit_s: float = math.inf) -> float:
+        return super().estimate_fit_seconds(train_set, val, limit_s) + start_search_seconds(self, val)

@@ -158,6 +158,21 @@ def test_tip_cache_in_class_order_and_shuffled_give_the_same_logits_and_search()
     assert rec["val_acc"] == rec_slow["val_acc"] == accuracy(ordered.predict(v), vy)
 
 
+def test_log_grid_spans_its_range_evenly_on_a_log_scale():
+    # fewclip's default for Tip-Adapter, Tip-F, APE and APE-T: 0.1 ... 1000, both ends included, constant ratio.
+    tip = TipAdapter(grid="log", beta_min=0.1, beta_max=1000.0, beta_steps=5, alpha_min=0.5, alpha_max=8.0,
+                     alpha_steps=5)
+    grid = tip.hparam_grid()
+    assert grid["beta"] == pytest.approx([0.1, 1.0, 10.0, 100.0, 1000.0], rel=1e-12)
+    assert grid["alpha"] == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0], rel=1e-12)
+    # the reference's linear grid is the default of the class (protocol=reference sets it explicitly)
+    assert TipAdapter(beta_steps=4, alpha_steps=2).hparam_grid() == {"beta": linear_grid(0.1, 7.0, 4),
+                                                                      "alpha": linear_grid(0.1, 3.0, 2)}
+    for bad in (dict(grid="cubic"), dict(grid="log", beta_min=0.0), dict(grid="log", alpha_min=5.0, alpha_max=1.0)):
+        with pytest.raises(ValueError, match="grid"):
+            TipAdapter(**bad)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_vectorised_tip_search_equals_the_plain_grid_loop(seed):
     x, y, means = synthetic_features(6, 4, 12, noise=0.9, seed=seed)
@@ -166,6 +181,8 @@ def test_vectorised_tip_search_equals_the_plain_grid_loop(seed):
     v, vy, _ = synthetic_features(6, 8, 12, noise=0.9, seed=20 + seed, means=means)
     val = FeatureSplit(features=v, labels=vy)
     kw = dict(beta_max=9.0, alpha_max=4.0, beta_steps=25, alpha_steps=10)
+    if seed == 2:  # fewclip's log-spaced grid, reaching sharp kernels and cache-dominated logits
+        kw.update(grid="log", beta_max=500.0, alpha_max=200.0)
     fast, slow = TipAdapter(**kw), TipAdapter(**kw)
     fast.setup(_ctx(text, x, y))
     slow.setup(_ctx(text, x, y))

@@ -58,7 +58,9 @@ def test_reference_tip_on_flowers_uses_the_official_ranges(flowers, tmp_path):
     fs = run(compose(["adapter=tip", "dataset=oxford_flowers", f"data_root={root}", f"cache_dir={tmp_path / 'c'}",
                       "adapter.beta_steps=4", "adapter.alpha_steps=4", *COMMON]), out_dir=tmp_path / "fs")
     assert fs["protocol"]["name"] == "fewshot" and fs["n_val"] == 8 and fs["recipe"] is None
-    assert fs["adapter_config"]["beta_max"] == 7.0
+    # fewclip's grid: log-spaced over [0.1, 1000] on both axes; the reference's is linear from 0.1
+    assert fs["adapter_config"]["grid"] == "log" and fs["adapter_config"]["beta_max"] == 1000.0
+    assert res["adapter_config"]["grid"] == "linear"
 
 
 def test_command_line_values_win_and_are_departures(flowers):

@@ -80,19 +80,20 @@ def official(method: str, dataset: str, shots: int) -> dict[str, object]:
     out: dict[str, object] = dict(FIXED.get(method, ("", "", {}))[2])
     if method in ("tip", "tip_f"):
         _, (bmax, amax), beta, alpha = TIP_CONFIGS[key]
-        out.update(beta_max=bmax, alpha_max=amax, beta=beta, alpha=alpha, beta_steps=200, alpha_steps=20)
+        out.update(beta_max=bmax, alpha_max=amax, beta=beta, alpha=alpha, beta_steps=200, alpha_steps=20, grid="linear")
         if method == "tip_f":
+            out["train_at"] = "fixed"  # run_tip_adapter_F trains at init_beta, init_alpha
             out.update(epochs=TIP_F_EPOCHS.get(key, 20), lr=0.001, eps=1e-4, batch_size=256, select="best_val")
     if method in ("ape", "ape_t"):
         _, scale, gamma_steps, free, w_free, feat, alpha, eps, lr, epochs = APE_CONFIGS[key]
-        out.update(beta_max=scale[0], alpha_max=scale[1])
+        out.update(beta_max=scale[0], alpha_max=scale[1], grid="linear")
         if method == "ape":
             out.update(gamma_max=scale[2], gamma_steps=gamma_steps, channel_ratio=free / 1024,
                        criterion_weights=list(w_free))
         else:
             food_eps = {1: 0.01, 2: 0.01}.get(shots, 0.001) if key == "food101" else eps  # its comment
             out.update(channel_ratio=feat / 1024, criterion_weights=[0.2, 0.8], alpha=alpha, beta=1, eps=food_eps,
-                       lr=lr, epochs=epochs, weight_decay=0.1)
+                       lr=lr, epochs=epochs, weight_decay=0.1, train_at="fixed")
     if method in ("coop", "coop_pixels"):
         out.update(FIXED["coop"][2])
         out["epochs"] = 50 if key == "imagenet" else COOP_EPOCHS[shots]

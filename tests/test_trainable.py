@@ -47,6 +47,31 @@ def test_tip_f_before_training_equals_tip(task):
     assert set(tip_f.state_dict()) == {"keys"}  # only the learned cache, no backbone, no text head
 
 
+def test_tip_f_train_at_search_trains_where_the_training_free_search_lands(task):
+    """train_at=search: (beta, alpha) come from a val search of the untrained cache (the training-free Tip-Adapter's,
+    run here independently), training runs there, and the record says so; fixed trains at the given values."""
+    support, text, val, _ = task
+    grid = dict(grid="log", beta_max=300.0, alpha_max=300.0, beta_steps=12, alpha_steps=6)
+    tip = _setup(TipAdapter(**grid), support, text)
+    tip.tune(val)
+    seen = []
+
+    class Probe(TipAdapterF):
+        def loss(self, logits, labels):
+            seen.append((self.beta, self.alpha))
+            return super().loss(logits, labels)
+
+    tip_f = _setup(Probe(train_at="search", epochs=2, **grid), support, text)
+    record = tip_f.fit(support, val)
+    assert record["train_at"]["beta"] == tip.beta and record["train_at"]["alpha"] == tip.alpha
+    assert seen and set(seen) == {(tip.beta, tip.alpha)}
+    seen.clear()
+    fixed = _setup(Probe(train_at="fixed", alpha=1.7, beta=4.0, epochs=2, **grid), support, text)
+    assert "train_at" not in fixed.fit(support, val) and set(seen) == {(4.0, 1.7)}
+    with pytest.raises(ValueError, match="train_at"):
+        TipAdapterF(train_at="later")
+
+
 def test_clip_adapter_ratio_zero_is_zero_shot(task):
     support, text, _, test = task
     ca = _setup(ClipAdapter(ratio=0.0, search=False), support, text)
