@@ -23,9 +23,11 @@ reference do.
 
 L is the one-hot label matrix, so the KL divergence of key n reduces to ``log2((1 + eps) / (p_n + eps))`` with p_n
 the text softmax (of the unscaled refined cosines, as the reference) at the key's own class and eps = 1e-6. Keys
-the text head gets wrong weigh more. (beta, alpha, gamma) are searched on val only over the reference's grid:
+the text head gets wrong weigh more. (beta, alpha, gamma) are searched on val only. The reference's grid is
 beta in [0.1, 7) x 200, alpha in [0.1, 7) x 20, gamma in [0, 1) x 20 (``search_scale: [7, 7, 1]`` for most
-datasets; it is tuned per dataset there). ``w_sim, w_var = 0.7, 0.3`` (``w_training_free``, the most common).
+datasets; it is tuned per dataset there), which ``protocol=reference`` uses; fewclip's own protocol searches beta and
+alpha log-spaced over [0.1, 1000] instead, for the reason given in ``adapters/tip.py`` (``grid``). ``w_sim, w_var =
+0.7, 0.3`` (``w_training_free``, the most common).
 
 **Search cost.** The reference scores every grid point with its own ``exp`` of the ``[Q, N]`` affinities and a dense
 ``[Q, N] x [N, C]`` product. Here the affinities are computed once; each beta costs one ``exp`` of them, each
@@ -42,7 +44,9 @@ taken on all channels, as the reference's training code does: ``logits = 100 f t
 (w * L)``. Trained with cross-entropy, AdamW lr 1e-3, eps 1e-3, weight decay 0.1, cosine, batch 256, 30 epochs,
 beta = 1, alpha = 2 while training (the reference's most common per-dataset values; ImageNet uses lr 1e-4 and 20
 epochs), channels chosen with ``w_training = (0.2, 0.8)``; the epoch is chosen on val, then (beta, alpha) are
-searched on val. In the released code the APE-T call is commented out and its criterion call does not match its
+searched on val. Under fewclip's protocol (``train_at: search``) the training values of (beta, alpha) come from a
+val search of the untrained model instead (``tip.fit_from_start``): beta = 1 suits CLIP's features, not every
+backbone's. In the released code the APE-T call is commented out and its criterion call does not match its
 residual's size, so this follows the paper's description and the ``APE_Training`` module. The residual's effect on
 the cache affinities is computed as ``f K^T + (f_S R^T)[:, labels]`` instead of rebuilding the ``[N, D]`` keys every
 step (the same value; the fixed keys then need no gradient).

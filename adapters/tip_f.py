@@ -7,6 +7,11 @@ epoch with the best *test* accuracy, the epoch is chosen on val (scored after ev
 test). An epoch is one cached augmented view of every support image (the reference draws one fresh augmentation
 per image per epoch): ``ceil(C K / 256)`` steps, 63 at ImageNet's 16,000 images.
 
+The reference trains at (beta, alpha) set by hand per dataset (``configs/*.yaml`` init_beta, init_alpha: beta 1
+everywhere), which ``protocol=reference`` keeps (``train_at: fixed``). fewclip's protocol first searches them on val
+with the untrained cache (``train_at: search``, ``tip.fit_from_start``) and trains there: on fewclip-mini digits
+beta 1 makes the kernel nearly flat (the val optimum is near beta 100), and training there ended 18 points lower.
+
 **Cost at ImageNet scale** (N = C K = 16,000 keys, D = 1024): a step is two ``[256, 1024] x [1024, 16,000]``
 products (the affinities and the keys' gradient), 16.8 GFLOP, and an AdamW update of the 16 M key values (the fused
 kernel, ``training._optimizer``); 1,260 steps over 20 epochs, plus a 131 GFLOP val evaluation per epoch (4,000
