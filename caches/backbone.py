@@ -71,6 +71,32 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+CLIP_LOGIT_SCALE = 100.0
+"""CLIP's logit scale: its learned temperature, clamped at 100 during training (OpenAI and LAION weights sit there)."""
+
+
+def logit_scale_of(model: Any, trained: bool, given: float | None = None) -> tuple[float, str]:
+    """The scale of the zero-shot logits ``s x cosine`` and where it came from (``set``, ``learned`` or ``fixed``).
+
+    CLIP's zero-shot classifier multiplies the cosines by the model's learned temperature ``exp(logit_scale)``; CoOp
+    and its successors read it from the model (``trainers/coop.py``: ``logit_scale.exp()``), Tip-Adapter writes
+    the 100 that CLIP learned. For weights trained like CLIP the two agree: the learned value, clamped at 100 as CLIP
+    clamps it in training (so OpenAI's 4.6052 gives exactly 100). A model trained to another temperature keeps its
+    own (fewclip-mini: 14.16): its cosines were calibrated at that scale, and at 100 the prompt learners' first
+    steps see logits seven times too confident, collapse every class prompt onto one embedding and stop (CoOp on
+    digits: loss ln 10 after one epoch). A randomly initialised model (``trained`` False) has no learned temperature
+    and gets CLIP's 100. ``given`` (``backbone.logit_scale``) overrides both.
+    """
+    if given is not None:
+        if not float(given) > 0:
+            raise ValueError(f"logit_scale must be > 0, got {given}")
+        return float(given), "set"
+    param = getattr(model, "logit_scale", None)
+    if not trained or not isinstance(param, torch.Tensor):
+        return CLIP_LOGIT_SCALE, "fixed"
+    return min(float(param.detach().double().exp()), CLIP_LOGIT_SCALE), "learned"
+
+
 class FrozenClip:
     """A frozen open_clip model with batched, no-grad, L2-normalised encoders.
 
@@ -83,6 +109,8 @@ class FrozenClip:
         seed: seed for random initialisation when ``pretrained`` is None.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         weights_cache_dir: where open_clip keeps downloaded weights (None: the hub default).
+        logit_scale: the scale of the zero-shot logits (``logit_scale x cosine``) every adapter uses; None takes
+            it from the weights (``logit_scale_of``).
     """
 
     def __init__(
@@ -93,6 +121,7 @@ class FrozenClip:
         seed: int = 0,
         device: str = "auto",
         weights_cache_dir: str | None = None,
+        logit_scale: float | None = None,
     ) -> None:
         import open_clip
 
@@ -132,7 +161,8 @@ class FrozenClip:
             std=tuple(float(v) for v in pcfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
             interpolation=str(pcfg.get("interpolation", "bicubic")),
         )
-        self.logit_scale = 100.0  # CLIP's learned scale is ~100; the few-shot literature fixes it at 100.
+        self.logit_scale, self.logit_scale_source = logit_scale_of(
+            self.model, trained=pretrained is not None or model.startswith("local-dir:"), given=logit_scale)
         # Where the weights came from (caches.weights_id): file, sha256, Hugging Face revision, OpenAI release.
         self.weights_info: dict[str, Any] = {}
         self.weights_id = self._weights_id(weights)
@@ -407,6 +437,7 @@ def load_backbone(
     seed: int = 0,
     device: str = "auto",
     weights_cache_dir: str | None = None,
+    logit_scale: float | None = None,
 ) -> FrozenClip:
     """Hydra entry point for ``conf/backbone/*.yaml``.
 
@@ -420,13 +451,13 @@ def load_backbone(
     if pretrained is not None and os.path.isfile(pretrained):
         st = os.stat(pretrained)
         stamp = (st.st_size, st.st_mtime_ns)
-    key = (model, pretrained, stamp, name, seed, device, weights_cache_dir)
+    key = (model, pretrained, stamp, name, seed, device, weights_cache_dir, logit_scale)
     if key in _LOADED:
         log.info("reusing the loaded backbone model=%s pretrained=%s", model, pretrained)
         return _LOADED[key]
     log.info("loading backbone model=%s pretrained=%s", model, pretrained)
     backbone = FrozenClip(model, pretrained, name=name, seed=seed, device=device,
-                          weights_cache_dir=weights_cache_dir)
+                          weights_cache_dir=weights_cache_dir, logit_scale=logit_scale)
     _LOADED.clear()  # one model at a time: a sweep over backbones must not keep them all in memory
     _LOADED[key] = backbone
     return backbone

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -66,6 +67,25 @@ def test_local_weights_file_loads_exactly(tmp_path, tiny):
     assert loaded.weights_id.startswith("file-sha256:")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(loaded.encode_images(x), tiny.encode_images(x))
+
+
+@pytest.mark.parametrize("stored, expected", [(math.log(20.0), 20.0), (4.6052, 100.0), (math.log(1 / 0.07), 1 / 0.07)])
+def test_logit_scale_is_the_weights_learned_temperature(tmp_path, tiny, stored, expected):
+    """Zero-shot logits use exp(logit_scale) of the weights, clamped at CLIP's 100 (OpenAI stores 4.6052, just
+    above ln 100); random weights have learned nothing and get 100; backbone.logit_scale overrides."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in tiny.model.state_dict().items()}
+    state["logit_scale"] = torch.tensor(stored)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    loaded = FrozenClip("fewclip-tiny", str(tmp_path / "w.safetensors"), device="cpu")
+    assert loaded.logit_scale == pytest.approx(expected, rel=1e-6) and loaded.logit_scale_source == "learned"
+    assert loaded.logit_scale <= 100.0
+    assert (tiny.logit_scale, tiny.logit_scale_source) == (100.0, "fixed")  # random init: ln(1/0.07) is no lesson
+    given = FrozenClip("fewclip-tiny", str(tmp_path / "w.safetensors"), device="cpu", logit_scale=50.0)
+    assert (given.logit_scale, given.logit_scale_source) == (50.0, "set")
+    with pytest.raises(ValueError, match="logit_scale must be > 0"):
+        FrozenClip("fewclip-tiny", None, device="cpu", logit_scale=0.0)
 
 
 def test_missing_weights_file_is_a_clear_error():
