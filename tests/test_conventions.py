@@ -172,3 +172,22 @@ def test_demo_estimates_its_work_and_keeps_to_the_quick_plan(tmp_path, monkeypat
     ran.clear()
     assert demo.main(["--full", *args]) == 0
     assert ran == [("digits", "zero_shot"), ("digits", "tip"), ("digits", "coop_pixels")]
+
+    # Within the budget with two datasets: the pixel-mode adapters run on the first one only, said before and
+    # after the tables; --full runs them on both.
+    from layouts import make_coop
+
+    make_coop(tmp_path / "data", "dtd", n_classes=10)
+    monkeypatch.setattr(demo, "DEMO_BUDGET_S", 1e9)
+    monkeypatch.setattr(demo, "demo_datasets", lambda choice: ["digits", "dtd"])
+    two = [*args, f"data_root={tmp_path / 'data'}"]
+    ran.clear()
+    assert demo.main(two) == 0
+    out = capsys.readouterr().out
+    assert ran == [("digits", "zero_shot"), ("digits", "tip"), ("digits", "coop_pixels"), ("dtd", "zero_shot"),
+                   ("dtd", "tip")]
+    assert "the pixel-mode adapters run on digits only" in out and "--full runs them there too" in out
+    assert "Not run (see the plan above): coop_pixels on dtd." in out
+    ran.clear()
+    assert demo.main(["--full", *two]) == 0
+    assert [r for r in ran if r[0] == "dtd"] == [("dtd", "zero_shot"), ("dtd", "tip"), ("dtd", "coop_pixels")]
