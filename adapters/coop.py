@@ -183,16 +183,21 @@ class CoOp(TrainsOnFeatures, Adapter):
                             self.token_suffix[:1, :fixed].expand(b, -1, -1)], dim=1)
         return self.ctx.backbone.encode_prompts_shared_prefix(prefix, self.token_suffix[:, fixed:], self.meta_tokens)
 
-    def effective_spec(self) -> TrainSpec:
+    def effective_spec(self, n_images: int | None = None) -> TrainSpec:
         """The schedule feature mode trains with: ``feature_batch_size`` images per text-encoder pass.
 
         Each step encodes the C class prompts once, whatever the number of images, so larger image batches make an
         epoch cheaper in proportion. The rule that keeps the schedule comparable is the linear scaling rule: batch
         x k, learning rates (``lr`` and ``warmup_lr``) x k, the same epochs and warmup epochs (so the same number
-        of passes over the data, with k times fewer, k times larger steps). 0, or a value not above ``batch_size``,
-        keeps the paper's recipe.
+        of passes over the data, with k times fewer, k times larger steps). k counts the images a step really
+        gets: a support set of ``n_images`` (default: the set-up one) smaller than the batch caps it. 0, or a value
+        not above ``batch_size``, keeps the paper's recipe.
         """
         b = self.feature_batch_size
+        if n_images is None and self.ctx is not None:
+            n_images = len(self.ctx.support)
+        if n_images:
+            b = min(b, max(int(n_images), self.spec.batch_size))
         if b <= self.spec.batch_size or self.input_kind != "features":
             return self.spec
         k = b / self.spec.batch_size
@@ -203,7 +208,7 @@ class CoOp(TrainsOnFeatures, Adapter):
 
     def fit(self, train_set: Any, val: Any) -> dict[str, Any]:
         """Feature mode: train on the cached views with ``effective_spec``."""
-        spec = self.effective_spec()
+        spec = self.effective_spec(len(train_set))
         record = train(self, view_batches(train_set, spec.batch_size, self.text_head.device), val, spec,
                        seed=self.ctx.seed, loss_fn=self.loss, progress=self.ctx.progress, desc=type(self).__name__)
         if spec is not self.spec:

@@ -41,6 +41,36 @@ log = logging.getLogger(__name__)
 ALPHA_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 
 
+# Multiply-adds of one pass over the samples (rows x D x classes) above which ``use_views: auto`` fits the
+# view-averaged keys. An iterative fit (linear probe, LP++) makes hundreds of such passes, forward and backward:
+# 2e10 is about 0.5 s per pass on one CPU core. 100 classes x 16 shots x 10 views at D = 1024 is 1.6e9 (views);
+# ImageNet's 1,000 x 16 x 10 at D = 1024 is 1.6e11 (keys: 1.6e10).
+VIEW_BUDGET = 2e10
+
+
+def resolve_views(use_views: bool | str, support: SupportSet, n_classes: int, budget: float | None = None
+                  ) -> tuple[bool, str]:
+    """Whether an iterative fit takes every cached view as a sample, and why.
+
+    ``use_views``: ``True`` / ``False``, or ``"auto"``: the views when ``views x images x D x n_classes`` is at
+    most ``budget`` multiply-adds (default ``VIEW_BUDGET``), else the view-averaged keys. Returns ``(use the views,
+    reason)``.
+    """
+    budget = VIEW_BUDGET if budget is None else float(budget)
+    if isinstance(use_views, str):
+        if use_views.lower() != "auto":
+            raise ValueError(f"use_views must be true, false or auto, got {use_views!r}")
+        if support.views is None or support.views.shape[0] <= 1:
+            return False, "the store keeps no views"
+        a, n, d = support.views.shape
+        cost = float(a) * n * d * n_classes
+        if cost <= budget:
+            return True, f"auto: {a} views x {n} images x D {d} x {n_classes} classes = {cost:.2g} <= {budget:.2g}"
+        return False, (f"auto: {a} views x {n} images x D {d} x {n_classes} classes = {cost:.2g} multiply-adds per "
+                       f"pass > {budget:.2g}: the view-averaged keys ({n} rows; use_views=true forces the views)")
+    return bool(use_views), "use_views=" + str(bool(use_views)).lower()
+
+
 def support_samples(support: SupportSet, use_views: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Training samples of a support set: every cached view when there are views (and ``use_views``), else the keys.
 

@@ -16,10 +16,18 @@ degenerate; a fit that hits ``max_iter`` (or stalls far from the tolerance) warn
 Every fit is warm-started from the solution of the nearest C already fitted (the optimum is unique, so the start
 changes the cost, not the answer).
 
+**Samples** (``use_views``). ``auto`` (default) takes every cached augmented view as a sample while one pass over
+them stays within ``gda.VIEW_BUDGET`` (2e10 multiply-adds, rows x D x classes), and the view-averaged keys above it:
+at ImageNet scale (1,000 classes x 16 shots x 10 views, D = 1024) a pass over the views is a ``[160k, 1024] x
+[1024, 1000]`` product, so each objective evaluation (forward and gradient) costs about 0.66 TFLOP and the C path
+hundreds of them; the keys are 10x fewer rows and what the CLIP paper's probe fits (one un-augmented feature per
+image). The choice and its figures are logged and recorded in ``result.json`` (``samples``); ``true`` / ``false``
+force one.
+
 Two searches:
 
 - ``search: grid`` (fewclip's default): the C values of ``c_grid`` from the strongest regularisation (smallest C)
-  up, the first best val accuracy wins; every cached augmented view is a training sample. With ``patience`` > 0 the
+  up, the first best val accuracy wins. With ``patience`` > 0 the
   path stops once that many consecutive C values have not lowered the **val cross-entropy** (the large-C end is the
   slowest to fit: at ImageNet scale each full-batch evaluation multiplies a ``[160k, 1024]`` by a ``[1024, 1000]``
   matrix, seconds on a CPU). The stop watches the loss, not the accuracy: at the strongly regularised end the val
@@ -53,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, accuracy
-from adapters.gda import support_samples
+from adapters.gda import resolve_views, support_samples
 from adapters.training import NotOptimisedWarning, check_classifier, check_optimised
 
 log = logging.getLogger(__name__)
@@ -172,7 +180,8 @@ class LinearProbe(Adapter):
         lpclip_steps: rounds of the lpclip binary search.
         tol: relative gradient tolerance (largest gradient entry / its value at zero).
         patience: ``grid``: stop after this many C values without a lower val cross-entropy (0: fit every C).
-        use_views: every cached augmented view is a sample (else the view-averaged keys).
+        use_views: every cached augmented view is a sample (``true``), the view-averaged keys (``false``), or
+            ``auto``: the views unless one pass over them costs more than ``gda.VIEW_BUDGET`` multiply-adds.
         chunk: rows per block when evaluating the objective.
     """
 
@@ -181,7 +190,7 @@ class LinearProbe(Adapter):
 
     def __init__(self, c_grid: Sequence[float] = (0.001, 0.01, 0.1, 0.316, 1.0, 3.16, 10.0, 100.0),
                  max_iter: int = 1000, search: str = "grid", lpclip_steps: int = 8, tol: float = 1e-4,
-                 patience: int = 2, use_views: bool = True, chunk: int = 16384) -> None:
+                 patience: int = 2, use_views: bool | str = "auto", chunk: int = 16384) -> None:
         super().__init__()
         if search not in ("grid", "lpclip"):
             raise ValueError(f"linear probe search must be grid or lpclip, got {search}")
@@ -190,7 +199,9 @@ class LinearProbe(Adapter):
             raise ValueError(f"linear_probe: c_grid must hold positive values, got {list(c_grid)}")
         self.max_iter, self.tol, self.patience = int(max_iter), float(tol), int(patience)
         self.search, self.lpclip_steps = search, int(lpclip_steps)
-        self.use_views, self.chunk = bool(use_views), int(chunk)
+        if isinstance(use_views, str) and use_views.lower() != "auto":
+            raise ValueError(f"linear_probe: use_views must be true, false or auto, got {use_views!r}")
+        self.use_views, self.chunk = use_views, int(chunk)
         self.C = self.c_grid[0]
         self.linear: nn.Linear | None = None
 
@@ -205,7 +216,7 @@ class LinearProbe(Adapter):
     def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit, limit_s: float = math.inf) -> float:
         """One objective evaluation (timed) x ``EVALUATIONS_PER_C`` x the C values the search fits."""
         dev = self.text_head.device
-        x, y = support_samples(train_set, self.use_views)
+        x, y = support_samples(train_set, resolve_views(self.use_views, train_set, self.ctx.n_classes)[0])
         k = int(torch.unique(y).numel())
         objective = LogisticObjective(x.float().to(dev), torch.unique(y, return_inverse=True)[1].to(dev), k,
                                       self.chunk)
@@ -218,7 +229,9 @@ class LinearProbe(Adapter):
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         """Fit the C values the search asks for (warm-started); keep the C the search chooses on val."""
         dev = self.text_head.device
-        x, y = support_samples(train_set, self.use_views)
+        views, why = resolve_views(self.use_views, train_set, self.ctx.n_classes)
+        log.info("linear_probe: %s samples (%s)", "view" if views else "key", why)
+        x, y = support_samples(train_set, views)
         x, y = x.float().to(dev), y.to(dev)
         n_cls = self.ctx.n_classes
         present = torch.unique(y)  # scikit-learn's convention: fit the classes that have samples
@@ -293,11 +306,12 @@ class LinearProbe(Adapter):
                                        chosen["loss"])
         self._load(weight, bias)
         fits = {repr(c): {k: v for k, v in sol.items() if k not in ("w", "b")} for c, sol in solutions.items()}
-        views = self.use_views and train_set.views is not None and train_set.views.shape[0] > 1
+        views = views and train_set.views is not None and train_set.views.shape[0] > 1
         return {"method": method, "on": "val", "val_acc_per_C": curve, "skipped_C": skipped, "fits": fits,
                 "val_loss_per_C": {repr(c): v for c, v in val_loss.items()},
                 "optimisation": optimisation,
-                "mode": "features (cached views as samples)" if views else "features (one per image)"}
+                "mode": "features (cached views as samples)" if views else "features (one per image)",
+                "samples": why}
 
     @staticmethod
     def _full_weights(w: torch.Tensor, b: torch.Tensor, present: torch.Tensor, n_cls: int

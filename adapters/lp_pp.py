@@ -21,14 +21,16 @@ reference trains 300 epochs and reports the test accuracy at the epoch with the 
 epoch); here ``select: best_val`` keeps that epoch's weights (chosen on val, never on test), ``last`` keeps the last.
 
 Samples: the reference encodes each support image once under random augmentation; here every cached augmented view
-is a sample (``use_views``), which leaves the step sizes' scale unchanged (both grow with M).
+is a sample (``use_views``), which leaves the step sizes' scale unchanged (both grow with M). ``use_views: auto``
+(default) takes the view-averaged keys instead when one pass over the views exceeds ``gda.VIEW_BUDGET`` (2e10
+multiply-adds, rows x D x classes; ImageNet's 160,000 views at D = 1024 are 1.6e11), recorded as ``samples``.
 
 Cost: each epoch is two ``M x D x C`` matmuls (the logits ``f (W + diag(alpha) T)^T + b`` and ``G^T F``, from which
 both the W and the alpha gradients follow), computed in row blocks with the gradients written out by hand, so no
 ``[M, C]`` matrix is kept (autograd kept four). The initial point is computed once (in ``setup``; ``fit`` on the
 same support set starts from it), and its step sizes come from the ``[D, D]`` Gram matrix. The val features' text
 cosines are computed once, not every epoch. At ImageNet scale with the 10 views (M = 160,000) the 300 epochs are
-~2e14 FLOPs: tens of minutes on a 2-core CPU (``use_views: false``, the keys, is 10x less).
+~2e14 FLOPs: tens of minutes on a 2-core CPU; the keys (what ``auto`` takes there) are 10x less.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, accuracy
-from adapters.gda import class_means, support_samples
+from adapters.gda import class_means, resolve_views, support_samples
 from adapters.tip import class_sum
 from adapters.training import NonFiniteLossError, check_classifier, check_optimised
 
@@ -78,7 +80,8 @@ class LPPlusPlus(Adapter):
         init_scale: the 250 of the alpha initialisation.
         momentum: SGD momentum of the W block.
         alpha_grad: ``accumulated`` (the reference) or ``current`` gradient for the alpha steps.
-        use_views: every cached augmented view is a sample (else the view-averaged keys).
+        use_views: every cached augmented view is a sample (``true``), the view-averaged keys (``false``), or
+            ``auto``: the views unless one pass over them costs more than ``gda.VIEW_BUDGET`` multiply-adds.
         select: ``best_val`` (the epoch with the best val accuracy, later epoch on ties) or ``last``.
     """
 
@@ -86,14 +89,16 @@ class LPPlusPlus(Adapter):
     cost = "trained on cached features (full batch)"
 
     def __init__(self, epochs: int = 300, alpha_every: int = 10, init_scale: float = 250.0, momentum: float = 0.9,
-                 alpha_grad: str = "accumulated", use_views: bool = True, select: str = "best_val") -> None:
+                 alpha_grad: str = "accumulated", use_views: bool | str = "auto", select: str = "best_val") -> None:
         super().__init__()
         if alpha_grad not in ("accumulated", "current") or select not in ("best_val", "last"):
             raise ValueError(f"alpha_grad must be accumulated|current and select best_val|last, got {alpha_grad}, "
                              f"{select}")
         self.epochs, self.alpha_every, self.init_scale = int(epochs), int(alpha_every), float(init_scale)
         self.momentum, self.alpha_grad = float(momentum), alpha_grad
-        self.use_views, self.select = bool(use_views), select
+        if isinstance(use_views, str) and use_views.lower() != "auto":
+            raise ValueError(f"LP++: use_views must be true, false or auto, got {use_views!r}")
+        self.use_views, self.select = use_views, select
         self.lr_w = self.lr_alpha = 0.0
         self.weight: nn.Parameter | None = None
         self.bias: nn.Parameter | None = None
@@ -102,7 +107,7 @@ class LPPlusPlus(Adapter):
 
     def setup(self, ctx: AdapterContext) -> None:
         super().setup(ctx)
-        self.initialise(*support_samples(ctx.support, self.use_views))
+        self.initialise(*support_samples(ctx.support, self._views(ctx.support)[0]))
         self._fresh_from = ctx.support  # fit on this support starts here instead of initialising again
 
     def initialise(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -156,7 +161,7 @@ class LPPlusPlus(Adapter):
     def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit, limit_s: float = math.inf) -> float:
         """``epochs`` x one full-batch loss and gradient (timed) plus a val evaluation when selecting on val."""
         dev = self.text_head.device
-        x, y = support_samples(train_set, self.use_views)
+        x, y = support_samples(train_set, self._views(train_set)[0])
         start = time.perf_counter()
         self.loss_and_grads(x.float().to(dev), y.to(dev))
         per_epoch = time.perf_counter() - start
@@ -167,7 +172,9 @@ class LPPlusPlus(Adapter):
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         """Block-coordinate descent, full batch; keep the best val epoch (or the last)."""
         dev = self.text_head.device
-        x, y = support_samples(train_set, self.use_views)
+        views, why = self._views(train_set)
+        log.info("LP++: %s samples (%s)", "view" if views else "key", why)
+        x, y = support_samples(train_set, views)
         x, y = x.float().to(dev), y.to(dev)
         if self._fresh_from is not train_set:  # setup already initialised from this support set
             self.initialise(x, y)
@@ -213,4 +220,7 @@ class LPPlusPlus(Adapter):
         return {"method": "LP++ block-coordinate descent (full batch)", "epochs": self.epochs,
                 "best_epoch": best_epoch, "selected_by": "val" if select_on_val else "last", "lr_w": self.lr_w,
                 "lr_alpha": self.lr_alpha, "train_loss": losses, "val_acc": val_accs, "optimisation": optimisation,
-                "mode": "features (cached views as samples)" if self.use_views else "features (keys)"}
+                "mode": "features (cached views as samples)" if views else "features (keys)", "samples": why}
+
+    def _views(self, support: SupportSet) -> tuple[bool, str]:
+        return resolve_views(self.use_views, support, self.text_head.shape[0])

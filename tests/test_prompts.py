@@ -141,6 +141,10 @@ def test_feature_batch_size_scales_the_learning_rates_linearly(tiny):
     assert record["batch_rule"]["paper_batch_size"] == 8
     assert record["optimisation"]["iterations"] == 3 * -(-len(support) // 32)
     assert _setup(CoOp(batch_size=32, feature_batch_size=16), tiny).effective_spec().batch_size == 32  # never smaller
+    # A support set smaller than the batch: a step sees every image, and k counts those (len(support) / 8).
+    n = len(support)
+    small = _setup(CoOp(epochs=3, batch_size=8, lr=0.002, feature_batch_size=4 * n), tiny, support)
+    assert (small.effective_spec().batch_size, small.effective_spec().lr) == (n, pytest.approx(0.002 * n / 8))
 
 
 def test_prompt_learner_cost_probe_leaves_the_context_unchanged(tiny):

@@ -206,6 +206,39 @@ def test_unknown_training_hyperparameter_is_rejected():
         ClipAdapter(learning_rate=0.1)
 
 
+def test_use_views_auto_takes_the_keys_above_the_budget(task, monkeypatch):
+    import adapters.gda as gda
+    from adapters.base import SupportSet
+    from adapters.lp_pp import LPPlusPlus
+
+    # ImageNet's shape (views x images x D x classes = 1.6e11) is over the default budget, a mid dataset's is not.
+    imagenet = SupportSet(keys=torch.zeros(1, 1), labels=torch.zeros(1, dtype=torch.long),
+                          views=torch.zeros(1, 1, 1).expand(10, 16_000, 1024))  # shape only
+    assert gda.resolve_views("auto", imagenet, 1000)[0] is False
+    assert gda.resolve_views("auto", imagenet, 100)[0] is True  # 1.6e10
+    assert gda.resolve_views(True, imagenet, 1000)[0] is True
+    with pytest.raises(ValueError, match="true, false or auto"):
+        gda.resolve_views("views", imagenet, 10)
+    with pytest.raises(ValueError, match="true, false or auto"):
+        LinearProbe(use_views="sometimes")
+    support, text, val, _ = task
+    a, n, d = support.views.shape
+    monkeypatch.setattr(gda, "VIEW_BUDGET", a * n * d * C - 1)  # one multiply-add short of the views
+    for make, pick in ((lambda v: LinearProbe(c_grid=[1.0], use_views=v), lambda m: m.linear.weight),
+                       (lambda v: LPPlusPlus(epochs=5, use_views=v), lambda m: m.weight)):
+        auto, keys = _setup(make("auto"), support, text), _setup(make(False), support, text)
+        record = auto.fit(support, val)
+        keys.fit(support, val)
+        assert record["samples"].startswith("auto:") and "view-averaged keys" in record["samples"]
+        torch.testing.assert_close(pick(auto), pick(keys))  # the same fit as use_views=false
+    monkeypatch.setattr(gda, "VIEW_BUDGET", a * n * d * C)  # exactly the views' cost: within the budget
+    views, auto = _setup(LinearProbe(c_grid=[1.0], use_views=True), support, text), \
+        _setup(LinearProbe(c_grid=[1.0]), support, text)
+    views.fit(support, val)
+    assert auto.fit(support, val)["mode"] == "features (cached views as samples)"
+    torch.testing.assert_close(auto.linear.weight, views.linear.weight)
+
+
 def test_linear_probe_at_1000_classes_learns_a_task_with_a_known_answer():
     # 1,000 classes (where scikit-learn's absolute tolerance stopped at iteration 0 with all-zero weights): class
     # centres + noise, so the best achievable accuracy is the nearest-true-centre rule's, computed here.
