@@ -345,7 +345,7 @@ class APET(TrainsOnFeatures, APE):
             alpha in [0.1, alpha_max).
         channel_ratio, criterion_weights: as APE (the reference's ``training_feat_num`` and ``w_training``).
         train_at: ``fixed`` trains at ``alpha``/``beta``; ``search`` first searches them on val with the untrained
-            residual and value weights (``tip.searched_start``).
+            residual and value weights (``tip.fit_from_start``).
         **train_kwargs: ``TrainSpec`` fields (epochs, lr, ...).
     """
 

@@ -41,7 +41,7 @@ class TipAdapterF(TrainsOnFeatures, TipAdapter):
 
     Args:
         train_at: ``fixed`` trains at ``alpha``/``beta`` (the reference's per-dataset init values); ``search`` first
-            searches them on val with the untrained cache (``tip.searched_start``).
+            searches them on val with the untrained cache (``tip.fit_from_start``).
         (the rest as ``TipAdapter``, plus ``TrainSpec`` fields)
     """
 
