@@ -200,7 +200,7 @@ class LinearProbe(Adapter):
         self.max_iter, self.tol, self.patience = int(max_iter), float(tol), int(patience)
         self.search, self.lpclip_steps = search, int(lpclip_steps)
         if isinstance(use_views, str) and use_views.lower() != "auto":
-            raise ValueError(f"linear_probe: use_views must be true, false or auto, got {use_views!r}")
+            raise ValueError(f"use_views must be true, false or auto, got {use_views!r}")
         self.use_views, self.chunk = use_views, int(chunk)
         self.C = self.c_grid[0]
         self.linear: nn.Linear | None = None

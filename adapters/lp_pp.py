@@ -97,7 +97,7 @@ class LPPlusPlus(Adapter):
         self.epochs, self.alpha_every, self.init_scale = int(epochs), int(alpha_every), float(init_scale)
         self.momentum, self.alpha_grad = float(momentum), alpha_grad
         if isinstance(use_views, str) and use_views.lower() != "auto":
-            raise ValueError(f"LP++: use_views must be true, false or auto, got {use_views!r}")
+            raise ValueError(f"use_views must be true, false or auto, got {use_views!r}")
         self.use_views, self.select = use_views, select
         self.lr_w = self.lr_alpha = 0.0
         self.weight: nn.Parameter | None = None

@@ -46,6 +46,12 @@ CASES = [
     Case("crop-scale-reversed", ("run", "augment.scale=[0.9,0.2]"), 2, "augment.scale=[0.9, 0.2]: needs [min, max]"),
     Case("unknown-target", ("run", "targets=[nope]"), 2, "unknown datasets ['nope']"),
     Case("bad-device", ("run", "device=tpu"), 2, "device=tpu: use auto, cpu, cuda or cuda:N"),
+    # adapter settings: the constructor's check, before any backbone or encoding
+    Case("adapter-bad-lookup", ("run", "adapter=tip", "adapter.lookup=foo"), 2, "TipAdapter: lookup must be"),
+    Case("adapter-bad-grid", ("run", "adapter=tip", "adapter.grid=cubic"), 2, "TipAdapter: grid spacing must be"),
+    Case("adapter-bad-views", ("run", "adapter=linear_probe", "adapter.use_views=sometimes"), 2,
+         "LinearProbe: use_views must be true, false or auto"),
+    Case("adapter-unknown-key", ("run", "adapter=gda", "+adapter.nope=1"), 2, "GDA: "),
     # datasets: missing, empty, one class, too few shots, bad CSV rows
     # (a folder's message is followed by the expected layout: 5 lines)
     Case("missing-root", ("run", "dataset=folder", "dataset.root={tmp}/missing"), 2, "does not exist", lines=6),

@@ -35,7 +35,7 @@ from caches.data.pixels import PixelData
 from caches.data.records import DatasetError, check_trainable
 from caches.search import check_single_faiss
 from caches.store import KVStore
-from fewclip.config import check_settings
+from fewclip.config import SettingsError, check_settings
 from fewclip.protocol import RunProtocol, draw_fewshot, resolve_protocol, val_description
 from fewclip.threads import configure_job_threads
 
@@ -118,6 +118,21 @@ def instantiate_node(node: Any) -> Any:
     except InstantiationException as e:
         if isinstance(e.__cause__, (DatasetError, FileNotFoundError, ValueError, RuntimeError)):
             raise e.__cause__ from None
+        raise
+
+
+def instantiate_adapter(node: Any) -> Adapter:
+    """The adapter ``node`` describes. Its constructor only checks and stores settings, so a ``ValueError`` or
+    ``TypeError`` raised there is a bad setting (``adapter.lookup=foo``, an unknown key): a ``SettingsError`` that
+    the command prints as one line (exit 2), naming the adapter."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, TypeError)):
+            target = str(node.get("_target_", "adapter")).rsplit(".", 1)[-1]
+            raise SettingsError(f"{target}: {e.__cause__}") from None
         raise
 
 
@@ -213,7 +228,7 @@ def evaluate_novel(cfg: DictConfig, adapter: Adapter, builder: CacheBuilder, bas
     ctx = AdapterContext(classnames=list(novel_ds.classnames), text_head=stores["text"].keys(), support=empty,
                          logit_scale=base_ctx.logit_scale, backbone=base_ctx.backbone, device=base_ctx.device,
                          seed=base_ctx.seed, progress=base_ctx.progress, text_norms=text_raw_norms(stores["text"]))
-    novel: Adapter = instantiate(cfg.adapter if adapter_node is None else adapter_node)
+    novel: Adapter = instantiate_adapter(cfg.adapter if adapter_node is None else adapter_node)
     novel.setup(ctx)
     novel.load_state_dict(state, strict=False)
     for k, v in adapter.hparams().items():
@@ -273,6 +288,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     check_trainable(dataset)
     timings["dataset"] = time.perf_counter() - t
     proto = resolve_protocol(cfg, names["adapter"], names["dataset"])
+    adapter: Adapter = instantiate_adapter(proto.adapter)  # a bad adapter setting fails before any encoding
     fewshot = draw_fewshot(cfg, dataset, proto, instantiate_node)
     fewshot_path = persist_fewshot(fewshot, Path(cfg.cache_dir) / "fewshot" / dataset.name)
     # An imported CoOp draw may take ImageNet support images from the val split fewclip carved from train.
@@ -298,7 +314,6 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
                               device=backbone.device, seed=cfg.seed, progress=cfg.progress,
                               text_norms=text_raw_norms(stores["text"]))
 
-    adapter: Adapter = instantiate(proto.adapter)
     pixel_mode = adapter.input_kind == "pixels"
     pool_record = None
     if cfg.pool.path:
@@ -309,7 +324,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
                                "cannot use it")
         t = time.perf_counter()
         adapter, support, fit_record, selection, pool_record = fit_with_pool(
-            cfg, builder, dataset, stores, support, val, make_ctx, lambda: instantiate(proto.adapter))
+            cfg, builder, dataset, stores, support, val, make_ctx, lambda: instantiate_adapter(proto.adapter))
         ctx = adapter.ctx
         timings["fit"] = time.perf_counter() - t  # every candidate's fit and search
         timings["search"] = 0.0
