@@ -88,7 +88,7 @@ from adapters.tip import (
     start_search_seconds,
     topk_search,
 )
-from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, choose_lookup, k_values
+from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, affinity_kernel, choose_lookup, k_values
 from adapters.training import TrainsOnFeatures
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class APE(Adapter):
 
     def cache_logits(self, shifted: torch.Tensor, beta: float, weights: torch.Tensor) -> torch.Tensor:
         """``exp(beta (A - 1)) (w * L)``, the one-hot L as a per-class sum: ``[B, N] -> [B, C]``."""
-        return self.weighted_class_sum(torch.exp(shifted * beta), weights)
+        return self.weighted_class_sum(affinity_kernel(shifted, beta), weights)
 
     def weighted_class_sum(self, affinity: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None
                            ) -> torch.Tensor:
@@ -307,7 +307,7 @@ class APE(Adapter):
             # operations and per-row sums as cache_logits, so the logits are bit for bit the ones forward produces).
             for i in range(0, shifted.shape[0], rows):
                 n = min(rows, shifted.shape[0] - i)
-                a = torch.mul(shifted[i : i + n], beta, out=affinity[:n]).exp_()
+                a = affinity_kernel(shifted[i : i + n], beta, affinity[:n])
                 for w, cache in zip(weights, caches):
                     cache[i : i + n] = self.weighted_class_sum(a, w, weighted[:n])
             # [alpha, gamma] accuracies, flattened alpha-major: the reference's innermost loop is gamma.

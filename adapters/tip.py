@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit
-from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, choose_lookup, k_values
+from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, affinity_kernel, choose_lookup, k_values
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class TipAdapter(Adapter):
         out = []
         for i in range(0, features.shape[0], self.chunk):
             affinity = features[i : i + self.chunk].float() @ self.keys.t()
-            out.append(class_sum(torch.exp(-beta * (1.0 - affinity)), self.values, n_cls, self.block,
+            out.append(class_sum(affinity_kernel(affinity - 1.0, beta), self.values, n_cls, self.block,
                                  self.shot_major))
         return torch.cat(out) if out else features.new_zeros(0, n_cls)
 
@@ -364,11 +364,11 @@ class TipAdapter(Adapter):
             if shifted is None:
                 cache = self.cache_logits(feats, beta)
             else:
-                # exp(beta (a - 1)) equals exp(-beta (1 - a)) bit for bit (IEEE negation is exact), and the class
-                # sums are per row: the logits are those forward produces.
+                # The kernel forward uses, in place (affinity_kernel), and the class sums are per row: the logits
+                # are those forward produces.
                 for i in range(0, shifted.shape[0], rows):
                     n = min(rows, shifted.shape[0] - i)
-                    cache[i : i + n] = class_sum(torch.mul(shifted[i : i + n], beta, out=buf[:n]).exp_(),
+                    cache[i : i + n] = class_sum(affinity_kernel(shifted[i : i + n], beta, buf[:n]),
                                                  self.values, n_cls, self.block, self.shot_major)
             accs = alpha_accuracies(zs, cache, labels, alphas)
             j = int(accs.argmax())  # first maximum: lowest alpha among ties

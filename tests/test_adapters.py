@@ -47,6 +47,27 @@ def test_tip_logits_hand_computed():
     torch.testing.assert_close(tip(f), expected)
 
 
+def test_cache_kernel_floor_leaves_no_denormal_and_changes_no_logit():
+    from adapters.topk import EXP_FLOOR, affinity_kernel
+
+    # beta = 1000, the top of the log grid: most terms exp(-1000 (1 - a)) are below float32's smallest normal.
+    x, y, means = synthetic_features(7, 5, 16, noise=0.6, seed=0)
+    q, _, _ = synthetic_features(7, 3, 16, noise=0.6, seed=2, means=means)
+    a = q @ x.t()
+    exact = torch.exp(-1000.0 * (1 - a.double()))  # float64: no floor, no denormals at these magnitudes
+    assert float((exact < torch.finfo(torch.float32).tiny).double().mean()) > 0.5
+    kernel = affinity_kernel(a - 1.0, 1000.0)
+    assert float(kernel.min()) >= torch.finfo(torch.float32).tiny  # a normal float everywhere
+    assert float((kernel.double() - exact).abs().max()) <= math.exp(EXP_FLOOR) * 1.001
+    buf = torch.empty_like(a)
+    assert torch.equal(affinity_kernel(a - 1.0, 1000.0, out=buf), kernel)  # the searches' in-place form
+    text = F.normalize(means, dim=-1)
+    tip = TipAdapter(alpha=1000.0, beta=1000.0, search=False)
+    tip.setup(_ctx(text, x, y))
+    expected = 100 * q.double() @ text.double().t() + 1000.0 * exact @ F.one_hot(y, 7).double()
+    torch.testing.assert_close(tip(q).double(), expected, rtol=1e-6, atol=1e-4)
+
+
 def test_tip_matches_dense_one_hot_formula_and_alpha_zero_is_zero_shot():
     x, y, means = synthetic_features(7, 5, 16, noise=0.6, seed=0)
     text = F.normalize(means + 0.3 * torch.randn(means.shape, generator=torch.Generator().manual_seed(1)), dim=-1)
