@@ -46,7 +46,8 @@ beta = 1, alpha = 2 while training (the reference's most common per-dataset valu
 epochs), channels chosen with ``w_training = (0.2, 0.8)``; the epoch is chosen on val, then (beta, alpha) are
 searched on val. Under fewclip's protocol (``train_at: search``) the training values of (beta, alpha) come from a
 val search of the untrained model instead (``tip.fit_from_start``): beta = 1 suits CLIP's features, not every
-backbone's. In the released code the APE-T call is commented out and its criterion call does not match its
+backbone's (the configured values where the searched point's support loss is 0). In the released code the
+APE-T call is commented out and its criterion call does not match its
 residual's size, so this follows the paper's description and the ``APE_Training`` module. The residual's effect on
 the cache affinities is computed as ``f K^T + (f_S R^T)[:, labels]`` instead of rebuilding the ``[N, D]`` keys every
 step (the same value; the fixed keys then need no gradient).
@@ -367,7 +368,7 @@ class APET(TrainsOnFeatures, APE):
         self.value_scale: nn.Parameter | None = None
 
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
-        return fit_from_start(self, val, lambda: super(APET, self).fit(train_set, val))
+        return fit_from_start(self, train_set, val, lambda: super(APET, self).fit(train_set, val))
 
     def estimate_fit_seconds(self, train_set: SupportSet, val: FeatureSplit, limit_s: float = math.inf) -> float:
         return super().estimate_fit_seconds(train_set, val, limit_s) + start_search_seconds(self, val)

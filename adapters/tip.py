@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit
 from adapters.topk import DENSE_MAX_KEYS, KeyLookup, affinity_class_sum, affinity_kernel, choose_lookup, k_values
@@ -87,20 +88,48 @@ def check_train_at(train_at: str) -> str:
     return train_at
 
 
-def fit_from_start(adapter: Any, val: Any, fit: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def fit_from_start(adapter: Any, train: Any, val: Any, fit: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run ``fit()`` of a trained cache method (Tip-F, APE-T) from where its ``train_at`` says.
 
     ``search``: first set (beta, alpha) by the adapter's own val search of its untrained cache (``adapter.tune``), so
     that training runs at the sharpness and weight that suit the backbone's feature geometry; the record gains
     ``train_at``. The references train at values set by hand per dataset (``configs/*.yaml`` init_beta,
     init_alpha); ``fixed`` keeps the configured ``beta``/``alpha``.
+
+    A searched point can saturate: a sharp kernel with a large alpha makes the cache recall its own support set,
+    so the training loss (``support_loss``: one cached view per support image) is exactly 0 in float32 and no
+    gradient reaches the parameters (1,000 synthetic classes whose views sit close to their keys: every one of
+    Tip-F's 1,260 steps had loss 0). Then training runs at the configured values instead, with a warning, and the
+    record says so (``train_at.fallback``).
     """
     start = None
     if adapter.train_at == "search" and val is not None and len(val) > 0:
+        configured = (adapter.beta, adapter.alpha)
         selection = adapter.tune(val)
         start = {"beta": adapter.beta, "alpha": adapter.alpha, "val_acc": selection.get("val_acc"), "on": "val"}
+        loss = support_loss(adapter, train)
+        if loss == 0.0:
+            adapter.beta, adapter.alpha = configured
+            start["fallback"] = {"beta": adapter.beta, "alpha": adapter.alpha,
+                                 "why": f"the support loss at the searched point is {loss}: no gradient"}
+            log.warning("%s: training at the searched beta=%.4g, alpha=%.4g would see a support loss of 0 (no "
+                        "gradient); training at the configured beta=%.4g, alpha=%.4g instead",
+                        type(adapter).__name__, start["beta"], start["alpha"], adapter.beta, adapter.alpha)
     record = fit()
     return {**record, "train_at": start} if start else record
+
+
+@torch.no_grad()
+def support_loss(adapter: Any, support: Any, block: int = 4096) -> float:
+    """Mean cross-entropy of ``adapter`` on one cached view per support image (the first; the keys without views),
+    what its training starts from: float."""
+    x = support.views[0] if support.views is not None else support.keys
+    total = 0.0
+    for i in range(0, x.shape[0], block):
+        logits = adapter(x[i : i + block].to(adapter.text_head.device)).float()
+        labels = support.labels[i : i + block].to(logits.device)
+        total += float(F.cross_entropy(logits, labels, reduction="sum"))
+    return total / max(x.shape[0], 1)
 
 
 def start_search_seconds(adapter: Any, val: Any) -> float:

@@ -11,6 +11,8 @@ The reference trains at (beta, alpha) set by hand per dataset (``configs/*.yaml`
 everywhere), which ``protocol=reference`` keeps (``train_at: fixed``). fewclip's protocol first searches them on val
 with the untrained cache (``train_at: search``, ``tip.fit_from_start``) and trains there: on fewclip-mini digits
 beta 1 makes the kernel nearly flat (the val optimum is near beta 100), and training there ended 18 points lower.
+Where the searched point saturates (support loss exactly 0: no gradient), training falls back to the configured
+values, with a warning (``tip.fit_from_start``).
 
 **Cost at ImageNet scale** (N = C K = 16,000 keys, D = 1024): a step is two ``[256, 1024] x [1024, 16,000]``
 products (the affinities and the keys' gradient), 16.8 GFLOP, and an AdamW update of the 16 M key values (the fused
@@ -72,7 +74,7 @@ class TipAdapterF(TrainsOnFeatures, TipAdapter):
         return self.lookup_mode == "topk" and not self._fitting
 
     def fit(self, train: SupportSet, val: FeatureSplit) -> dict[str, Any]:
-        return fit_from_start(self, val, lambda: self._fit(train, val))
+        return fit_from_start(self, train, val, lambda: self._fit(train, val))
 
     def _fit(self, train: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         self._fitting = True

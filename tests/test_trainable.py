@@ -72,6 +72,32 @@ def test_tip_f_train_at_search_trains_where_the_training_free_search_lands(task)
         TipAdapterF(train_at="later")
 
 
+def test_train_at_search_falls_back_when_the_support_loss_is_zero(task, caplog):
+    """A searched point where the cache recalls its own support set (support loss exactly 0, no gradient) is not
+    trained at: the configured (beta, alpha) are, with a warning and the reason in the record."""
+    from adapters.base import SupportSet
+    from adapters.tip import support_loss
+
+    support, text, val, _ = task
+    own = SupportSet(keys=support.keys, labels=support.labels, views=support.keys[None])  # views = keys
+    sharp = dict(grid="log", beta_min=1000.0, beta_max=1000.0, beta_steps=1, alpha_min=1000.0, alpha_max=1000.0,
+                 alpha_steps=1)  # the search can only land on beta = alpha = 1000
+    tip = _setup(TipAdapter(alpha=1000.0, beta=1000.0, search=False), own, text)
+    logits = tip(own.keys).double()  # independent: the loss written out
+    expected = float((torch.logsumexp(logits, dim=1) - logits.gather(1, own.labels[:, None])[:, 0]).mean())
+    assert expected == 0.0 and support_loss(tip, own) == expected
+    tip_f = _setup(TipAdapterF(train_at="search", alpha=1.7, beta=4.0, epochs=2, **sharp), own, text)
+    with caplog.at_level("WARNING", logger="adapters.tip"):
+        record = tip_f.fit(own, val)
+    assert record["train_at"]["beta"] == 1000.0 and record["train_at"]["fallback"]["beta"] == 4.0
+    assert record["train_at"]["fallback"]["alpha"] == 1.7 and "support loss" in caplog.text
+    assert record["optimisation"]["status"] == "ok"  # trained at (4, 1.7): the keys moved
+    # Where the support loss is not 0, training runs at the searched point (no fallback).
+    soft = _setup(TipAdapterF(train_at="search", epochs=3, **{**sharp, "beta_min": 1.0, "beta_max": 1.0,
+                                                             "alpha_min": 1.0, "alpha_max": 1.0}), support, text)
+    assert support_loss(soft, support) > 0 and "fallback" not in soft.fit(support, val)["train_at"]
+
+
 def test_clip_adapter_ratio_zero_is_zero_shot(task):
     support, text, _, test = task
     ca = _setup(ClipAdapter(ratio=0.0, search=False), support, text)
