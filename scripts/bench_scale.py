@@ -242,13 +242,13 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
     backbone = None
     names = class_names(scale["classes"])
-    if name in PROMPT_ADAPTERS:
+    if name in PROMPT_ADAPTERS or name == "auto":
         from caches.backbone import FrozenClip
 
+        # auto's candidates include CoOp, whose cost probe runs the text encoder (as in a real run, where the
+        # backbone is always there); auto itself is scored on the features task.
         backbone = FrozenClip(scale["tower"], None, name=f"{scale['tower']}-random", device="cpu")
-        data = prompt_data(scale, backbone, names)
-    else:
-        data = make_data(scale)
+    data = prompt_data(scale, backbone, names) if name in PROMPT_ADAPTERS else make_data(scale)
     support, val, test = data["support"], data["val"], data["test"]
     ctx = AdapterContext(classnames=names, text_head=data["text"], support=support, backbone=backbone,
                          device=torch.device("cpu"), seed=1, progress=False)
