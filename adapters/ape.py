@@ -47,8 +47,8 @@ epochs), channels chosen with ``w_training = (0.2, 0.8)``; the epoch is chosen o
 searched on val. Under fewclip's protocol (``train_at: search``) the training values of (beta, alpha) come from a
 val search of the untrained model instead (``tip.fit_from_start``): beta = 1 suits CLIP's features, not every
 backbone's (the configured values where the searched point's support loss is 0). In the released code the
-APE-T call is commented out and its criterion call does not match its
-residual's size, so this follows the paper's description and the ``APE_Training`` module. The residual's effect on
+APE-T call is commented out and its criterion call does not match its residual's size, so this follows the paper's
+description and the ``APE_Training`` module. The residual's effect on
 the cache affinities is computed as ``f K^T + (f_S R^T)[:, labels]`` instead of rebuilding the ``[N, D]`` keys every
 step (the same value; the fixed keys then need no gradient).
 

@@ -48,27 +48,33 @@ ALPHA_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 VIEW_BUDGET = 2e10
 
 
+def check_use_views(use_views: bool | str) -> bool | str:
+    """``use_views`` as given, once checked: ``True``, ``False`` or ``"auto"`` (see ``resolve_views``)."""
+    if isinstance(use_views, str) and use_views.lower() != "auto":
+        raise ValueError(f"use_views must be true, false or auto, got {use_views!r}")
+    return use_views
+
+
 def resolve_views(use_views: bool | str, support: SupportSet, n_classes: int, budget: float | None = None
                   ) -> tuple[bool, str]:
     """Whether an iterative fit takes every cached view as a sample, and why.
 
     ``use_views``: ``True`` / ``False``, or ``"auto"``: the views when ``views x images x D x n_classes`` is at
-    most ``budget`` multiply-adds (default ``VIEW_BUDGET``), else the view-averaged keys. Returns ``(use the views,
-    reason)``.
+    most ``budget`` multiply-adds (default ``VIEW_BUDGET``), else the view-averaged keys. A store with fewer than
+    two views gives the keys whatever ``use_views`` says. Returns ``(use the views, reason)``.
     """
+    check_use_views(use_views)
+    if support.views is None or support.views.shape[0] <= 1:
+        return False, "the store keeps no views"
+    if not isinstance(use_views, str):
+        return bool(use_views), "use_views=" + str(bool(use_views)).lower()
     budget = VIEW_BUDGET if budget is None else float(budget)
-    if isinstance(use_views, str):
-        if use_views.lower() != "auto":
-            raise ValueError(f"use_views must be true, false or auto, got {use_views!r}")
-        if support.views is None or support.views.shape[0] <= 1:
-            return False, "the store keeps no views"
-        a, n, d = support.views.shape
-        cost = float(a) * n * d * n_classes
-        if cost <= budget:
-            return True, f"auto: {a} views x {n} images x D {d} x {n_classes} classes = {cost:.2g} <= {budget:.2g}"
-        return False, (f"auto: {a} views x {n} images x D {d} x {n_classes} classes = {cost:.2g} multiply-adds per "
-                       f"pass > {budget:.2g}: the view-averaged keys ({n} rows; use_views=true forces the views)")
-    return bool(use_views), "use_views=" + str(bool(use_views)).lower()
+    a, n, d = support.views.shape
+    cost = float(a) * n * d * n_classes
+    if cost <= budget:
+        return True, f"auto: {a} views x {n} images x D {d} x {n_classes} classes = {cost:.2g} <= {budget:.2g}"
+    return False, (f"auto: {a} views x {n} images x D {d} x {n_classes} classes = {cost:.2g} multiply-adds per "
+                   f"pass > {budget:.2g}: the view-averaged keys ({n} rows; use_views=true forces the views)")
 
 
 def support_samples(support: SupportSet, use_views: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, accuracy
-from adapters.gda import resolve_views, support_samples
+from adapters.gda import check_use_views, resolve_views, support_samples
 from adapters.training import NotOptimisedWarning, check_classifier, check_optimised
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,7 @@ class LinearProbe(Adapter):
             raise ValueError(f"linear_probe: c_grid must hold positive values, got {list(c_grid)}")
         self.max_iter, self.tol, self.patience = int(max_iter), float(tol), int(patience)
         self.search, self.lpclip_steps = search, int(lpclip_steps)
-        if isinstance(use_views, str) and use_views.lower() != "auto":
-            raise ValueError(f"use_views must be true, false or auto, got {use_views!r}")
-        self.use_views, self.chunk = use_views, int(chunk)
+        self.use_views, self.chunk = check_use_views(use_views), int(chunk)
         self.C = self.c_grid[0]
         self.linear: nn.Linear | None = None
 
@@ -306,7 +304,6 @@ class LinearProbe(Adapter):
                                        chosen["loss"])
         self._load(weight, bias)
         fits = {repr(c): {k: v for k, v in sol.items() if k not in ("w", "b")} for c, sol in solutions.items()}
-        views = views and train_set.views is not None and train_set.views.shape[0] > 1
         return {"method": method, "on": "val", "val_acc_per_C": curve, "skipped_C": skipped, "fits": fits,
                 "val_loss_per_C": {repr(c): v for c, v in val_loss.items()},
                 "optimisation": optimisation,

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, accuracy
-from adapters.gda import class_means, resolve_views, support_samples
+from adapters.gda import check_use_views, class_means, resolve_views, support_samples
 from adapters.tip import class_sum
 from adapters.training import NonFiniteLossError, check_classifier, check_optimised
 
@@ -96,9 +96,7 @@ class LPPlusPlus(Adapter):
                              f"{select}")
         self.epochs, self.alpha_every, self.init_scale = int(epochs), int(alpha_every), float(init_scale)
         self.momentum, self.alpha_grad = float(momentum), alpha_grad
-        if isinstance(use_views, str) and use_views.lower() != "auto":
-            raise ValueError(f"use_views must be true, false or auto, got {use_views!r}")
-        self.use_views, self.select = use_views, select
+        self.use_views, self.select = check_use_views(use_views), select
         self.lr_w = self.lr_alpha = 0.0
         self.weight: nn.Parameter | None = None
         self.bias: nn.Parameter | None = None

@@ -243,6 +243,8 @@ def test_use_views_auto_takes_the_keys_above_the_budget(task, monkeypatch):
     assert gda.resolve_views("auto", imagenet, 1000)[0] is False
     assert gda.resolve_views("auto", imagenet, 100)[0] is True  # 1.6e10
     assert gda.resolve_views(True, imagenet, 1000)[0] is True
+    no_views = SupportSet(keys=imagenet.keys, labels=imagenet.labels)  # a store without views: the keys, always
+    assert gda.resolve_views(True, no_views, 10) == (False, "the store keeps no views")
     with pytest.raises(ValueError, match="true, false or auto"):
         gda.resolve_views("views", imagenet, 10)
     with pytest.raises(ValueError, match="true, false or auto"):
