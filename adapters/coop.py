@@ -34,6 +34,9 @@ from adapters.base import Adapter, AdapterContext
 from adapters.training import TrainsOnFeatures, TrainSpec, train, view_batches
 
 EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # KaiyangZhou/CoOp COOP.md
+# Learning-rate factor for an image batch k times the paper's (feature mode): linear scaling (Goyal et al. 2017) or
+# square-root scaling (Krizhevsky 2014), the gentler of the two usual rules.
+LR_RULES = {"linear": lambda k: k, "sqrt": math.sqrt}
 
 
 class CoOp(TrainsOnFeatures, Adapter):
@@ -49,14 +52,19 @@ class CoOp(TrainsOnFeatures, Adapter):
         epochs: 0 picks CoOp's schedule from the number of shots (``epochs_by_shots``).
         share_prefix: run the prompt positions shared by every class once per step (exact; see
             ``FrozenClip.encode_prompts_shared_prefix``); off only to check it against the full prompts.
-        feature_batch_size: feature mode: images per step, with the learning rates scaled by the linear rule
+        feature_batch_size: feature mode: images per step, with the learning rates scaled by ``feature_lr_rule``
             (``effective_spec``); 0 keeps ``batch_size``.
+        feature_lr_rule: how the learning rates follow a batch k times larger: ``linear`` (x k) or ``sqrt``
+            (x sqrt(k)).
     """
 
     def __init__(self, n_ctx: int = 16, ctx_init: str = "", class_token_position: str = "end", csc: bool = False,
                  epochs_by_shots: Mapping[int, int] | None = None, share_prefix: bool = True,
-                 feature_batch_size: int = 0, **train_kwargs: Any) -> None:
+                 feature_batch_size: int = 0, feature_lr_rule: str = "linear", **train_kwargs: Any) -> None:
         super().__init__()
+        if feature_lr_rule not in LR_RULES:
+            raise ValueError(f"feature_lr_rule must be one of {sorted(LR_RULES)}, got {feature_lr_rule!r}")
+        self.feature_lr_rule = feature_lr_rule
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"class_token_position must be end, middle or front, got {class_token_position}")
         self.n_ctx, self.ctx_init, self.position, self.csc = int(n_ctx), str(ctx_init), class_token_position, bool(csc)
@@ -187,9 +195,9 @@ class CoOp(TrainsOnFeatures, Adapter):
         """The schedule feature mode trains with: ``feature_batch_size`` images per text-encoder pass.
 
         Each step encodes the C class prompts once, whatever the number of images, so larger image batches make an
-        epoch cheaper in proportion. The rule that keeps the schedule comparable is the linear scaling rule: batch
-        x k, learning rates (``lr`` and ``warmup_lr``) x k, the same epochs and warmup epochs (so the same number
-        of passes over the data, with k times fewer, k times larger steps). k counts the images a step really
+        epoch cheaper in proportion. Batch x k, learning rates (``lr`` and ``warmup_lr``) x k (``feature_lr_rule``
+        linear) or x sqrt(k) (sqrt), the same epochs and warmup epochs (so the same number of passes over the data,
+        with k times fewer, k times larger steps). k counts the images a step really
         gets: a support set of ``n_images`` (default: the set-up one) smaller than the batch caps it. 0, or a value
         not above ``batch_size``, keeps the paper's recipe.
         """
@@ -200,8 +208,8 @@ class CoOp(TrainsOnFeatures, Adapter):
             b = min(b, max(int(n_images), self.spec.batch_size))
         if b <= self.spec.batch_size or self.input_kind != "features":
             return self.spec
-        k = b / self.spec.batch_size
-        return dataclasses.replace(self.spec, batch_size=b, lr=self.spec.lr * k, warmup_lr=self.spec.warmup_lr * k)
+        f = LR_RULES[self.feature_lr_rule](b / self.spec.batch_size)
+        return dataclasses.replace(self.spec, batch_size=b, lr=self.spec.lr * f, warmup_lr=self.spec.warmup_lr * f)
 
     def training_spec(self) -> TrainSpec:
         return self.effective_spec()
@@ -213,7 +221,8 @@ class CoOp(TrainsOnFeatures, Adapter):
                        seed=self.ctx.seed, loss_fn=self.loss, progress=self.ctx.progress, desc=type(self).__name__)
         if spec is not self.spec:
             record["batch_rule"] = {"paper_batch_size": self.spec.batch_size, "paper_lr": self.spec.lr,
-                                    "rule": "linear scaling: batch and learning rates x k, same epochs"}
+                                    "rule": f"{self.feature_lr_rule} scaling: batch x k, learning rates x "
+                                            f"{'k' if self.feature_lr_rule == 'linear' else 'sqrt(k)'}, same epochs"}
         return record
 
     def new_class_state(self) -> dict[str, torch.Tensor] | None:

@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=10)
     ap.add_argument("--tower", default="ViT-S-16-alt")
     ap.add_argument("--batches", default="32,256")
+    ap.add_argument("--lr-rule", default="linear", choices=["linear", "sqrt"],
+                    help="learning rates x k (linear) or x sqrt(k) for a batch k times the paper's")
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--epochs", type=int, default=0, help="0: CoOp's schedule by shots")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -60,11 +62,13 @@ def main() -> None:
     print(f"# {args.classes} classes x {args.shots} shots x {args.views} views, {args.tower} text tower (random), "
           f"test {len(data['test'])}: bayes {data['bayes']:.1f}%, zero-shot {zs:.1f}%, nearest mean of the shots "
           f"{data['nearest_mean']:.1f}%; threads {torch.get_num_threads()}, load {os.getloadavg()}", flush=True)
+    print(f"# learning-rate rule for larger batches: {args.lr_rule}")
     print("| seed | batch | lr | epochs | steps | val acc (kept epoch) | test acc | fit s | load before / after |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for batch in [int(b) for b in args.batches.split(",")]:
-            adapter = bench_scale.make_adapter("coop", {"feature_batch_size": batch, "epochs": args.epochs})
+            adapter = bench_scale.make_adapter("coop", {"feature_batch_size": batch, "epochs": args.epochs,
+                                                           "feature_lr_rule": args.lr_rule})
             ctx = AdapterContext(classnames=names, text_head=data["text"], support=data["support"],
                                  backbone=backbone, seed=seed, progress=False)
             load = os.getloadavg()[0]

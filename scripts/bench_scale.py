@@ -340,6 +340,31 @@ def extrapolated_fit(adapter, backbone, support, val, test, args, setup_s: float
 
 
 # ---------------------------------------------------------------------------------------------------- parent
+def matmul_peak_gflops(threads: int, n: int = 2048, rounds: int = 5) -> float:
+    """This machine's float32 matmul rate (best of ``rounds`` [n, n] x [n, n] products) at ``threads`` threads.
+
+    The text transformer of a prompt-learner step is matmuls, so a step's FLOP count over this rate is a lower bound
+    on its time here, whatever the implementation.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        a @ b  # first-call allocations
+        best = math.inf
+        for _ in range(rounds):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        return 2 * n ** 3 / best / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
 def fmt(row: dict[str, Any]) -> str:
     def num(v, f="{:.1f}"):
         return "-" if v is None else f.format(v)
@@ -380,6 +405,11 @@ def main() -> None:
     import torch
 
     print(f"# bench_scale: {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()}", flush=True)
+    peak = None
+    if any(a in PROMPT_ADAPTERS for a in adapters):
+        peak = matmul_peak_gflops(args.threads)
+        print(f"# float32 matmul peak here: {peak:.1f} GFLOP/s at {args.threads or torch.get_num_threads()} "
+              f"thread(s) (best of 5 [2048, 2048] products)", flush=True)
     print("| scale | adapter | fit + tune s | predict s / 10k | peak RSS GB | test acc | bayes | nearest mean | "
           "load 1-min before / after |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
@@ -405,6 +435,10 @@ def main() -> None:
                   f"({row['step_s']:.2f} s/step, {row['step_gflop']:.1f} GFLOP/step, "
                   f"{row['achieved_gflops']:.1f} GFLOP/s achieved), val evaluation {row['val_eval_s']:.1f} s; "
                   f"projected GPU fit at {args.gpu_tflops:g} TFLOP/s: {row['gpu_projection_s'] / 60:.1f} min")
+            if peak:
+                floor = row["total_steps"] * row["step_gflop"] / peak
+                print(f"{row['scale']} {row['adapter']}: the schedule's text-transformer FLOPs at this machine's "
+                      f"matmul peak take at least {floor:.0f} s ({floor / 60:.1f} min), whatever the implementation")
         if row.get("optimisation"):
             print(f"{row['scale']} {row['adapter']}: optimisation {row['optimisation']}")
         if row.get("auto"):

@@ -202,3 +202,27 @@ def test_only_the_best_candidate_so_far_stays_in_memory(monkeypatch):
     gc.collect()
     alive = [name for name, ref in made if ref() is not None]
     assert alive == [auto.choice]
+
+
+def test_a_candidate_whose_fit_fails_is_dropped_with_its_reason(caplog):
+    from adapters.training import DegenerateFitError
+
+    support, text, val = _task(shots=8)
+    # lr 0: Tip-Adapter-F's keys never move, and its solver check refuses the fit (DegenerateFitError)
+    auto = _setup(Auto(candidates=["zero_shot", "tip_f", "gda"], overrides={"tip_f": {"lr": 0.0, "epochs": 2}},
+                       budget_s=0), support, text)
+    with caplog.at_level("WARNING"):
+        record = auto.fit(support, val)
+    cands = record["candidates"]
+    assert set(record["failed"]) == {"tip_f"} and "score" not in cands["tip_f"]
+    assert cands["tip_f"]["failed"].startswith("DegenerateFitError") and "never changed" in cands["tip_f"]["failed"]
+    assert "score" in cands["gda"] and auto.choice in ("zero_shot", "gda")
+    assert any("dropping tip_f" in r.getMessage() for r in caplog.records)
+    # the first candidate failing: the next one is fitted whatever the budget says, so auto still has an answer
+    only = _setup(Auto(candidates=["tip_f", "gda"], overrides={"tip_f": {"lr": 0.0, "epochs": 2}}, budget_s=1e-9),
+                  support, text).fit(support, val)
+    assert only["chosen"] == "gda" and set(only["failed"]) == {"tip_f"}
+    # every candidate failing is an error naming each one's reason
+    with pytest.raises(DegenerateFitError, match="no candidate could be fitted.*tip_f: DegenerateFitError"):
+        _setup(Auto(candidates=["tip_f"], overrides={"tip_f": {"lr": 0.0, "epochs": 2}}), support, text).fit(
+            support, val)

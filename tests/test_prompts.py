@@ -145,6 +145,12 @@ def test_feature_batch_size_scales_the_learning_rates_linearly(tiny):
     n = len(support)
     small = _setup(CoOp(epochs=3, batch_size=8, lr=0.002, feature_batch_size=4 * n), tiny, support)
     assert (small.effective_spec().batch_size, small.effective_spec().lr) == (n, pytest.approx(0.002 * n / 8))
+    # the square-root rule: a batch 4x the paper's trains at 2x its learning rates
+    sqrt = _setup(CoOp(epochs=3, batch_size=8, lr=0.002, warmup_lr=1e-5, feature_batch_size=32,
+                       feature_lr_rule="sqrt"), tiny, support).effective_spec()
+    assert (sqrt.batch_size, sqrt.lr, sqrt.warmup_lr) == (32, pytest.approx(0.004), pytest.approx(2e-5))
+    with pytest.raises(ValueError, match="feature_lr_rule"):
+        CoOp(feature_lr_rule="cubic")
 
 
 def test_prompt_learner_cost_probe_leaves_the_context_unchanged(tiny):

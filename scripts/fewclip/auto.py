@@ -23,10 +23,16 @@ included). Before fitting a candidate, ``auto`` sets it up and asks its cost mod
 (``Adapter.estimate_fit_seconds``: the data sizes and a short probe run on this machine: a few training steps, one
 search step, one objective evaluation) how long fit + tune would take; a candidate predicted to need more than what
 is left of the budget is skipped, and ``result.json`` records the prediction and the reason
-(``selection.fit.candidates.<name>.skipped``, ``selection.fit.skipped``). The first candidate is always fitted, so
-``auto`` always has an answer. The same budget admits more candidates on a faster machine or a GPU, since the probes
-run there; prompt learners (CoOp's text encoder runs every step) join only when it allows them. Each fitted
-candidate is dropped as soon as it is scored unless it is the best so far.
+(``selection.fit.candidates.<name>.skipped``, ``selection.fit.skipped``). Candidates are fitted whatever their
+prediction until one has fitted (the first, unless it fails), so ``auto`` always has an answer. The same budget
+admits more candidates on a faster machine or a GPU, since the probes run there; prompt learners (CoOp's text
+encoder runs every step) join only when it allows them. Each fitted candidate is dropped as soon as it is scored
+unless it is the best so far.
+
+**A candidate that fails to fit** (its solver refused a degenerate result, its loss became non-finite, a matrix
+could not be factorised) is dropped with a warning, and the error goes into ``result.json``
+(``selection.fit.candidates.<name>.failed``, ``selection.fit.failed``); ``auto`` goes on with the others and fails
+only when no candidate fitted. Any other error (a bad setting, a bug, running out of memory) still ends the run.
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ import torch
 from torch import nn
 
 from adapters.base import Adapter, AdapterContext, FeatureSplit, SupportSet, predict_split
+from adapters.training import DegenerateFitError
+
+# What a candidate's fit may raise when its solver fails on these data (NonFiniteLossError is a FloatingPointError):
+# auto drops that candidate and goes on.
+FIT_FAILURES = (DegenerateFitError, FloatingPointError, torch.linalg.LinAlgError)
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +159,9 @@ class Auto(Adapter):
         start = time.perf_counter()
         records: dict[str, dict[str, Any]] = {}
         skipped: dict[str, str] = {}
+        failed: dict[str, str] = {}
         best: tuple[float, str, Adapter] | None = None
-        for i, name in enumerate(self.candidates):
+        for name in self.candidates:
             t = time.perf_counter()
             adapter = self._candidate(name, ctx)
             left = budget - (time.perf_counter() - start)
@@ -158,32 +170,40 @@ class Auto(Adapter):
             predicted = adapter.estimate_fit_seconds(train, val, limit_s=left / n_fits) * n_fits
             rec: dict[str, Any] = {"cost": type(adapter).cost, "predicted_s": round(predicted, 3),
                                    "setup_and_probe_s": round(time.perf_counter() - t, 3)}
-            if i > 0 and predicted > left:
+            if best is not None and predicted > left:  # fit until one candidate has fitted
                 rec["skipped"] = skipped[name] = (f"predicted {predicted:.0f} s for fit + tune, more than the "
                                                   f"{max(left, 0.0):.0f} s left of budget_s={self.budget_s:g}")
                 records[name] = rec
                 log.info("auto: skipping %s: %s", name, rec["skipped"])
                 del adapter
                 continue
-            adapter.fit(train, val)
-            adapter.tune(val)
-            logits, labels = predict_split(adapter, val)
-            correct, total = int((logits.argmax(-1) == labels).sum()), len(labels)
-            rec["val_acc"] = 100.0 * correct / total
-            if use_cv:
-                cv_correct, cv_total = 0, 0
-                for f in range(shots):
-                    held = folds == f
-                    rest = _subset(train, ~held)
-                    # The context carries the support too (Tip-Adapter builds its cache from it): the held-out
-                    # shot must be absent from both.
-                    part = self._fit(name, dataclasses.replace(ctx, support=rest), rest, val)
-                    cv_logits = part.predict(train.keys[held])
-                    del part
-                    cv_correct += int((cv_logits.argmax(-1) == train.labels[held]).sum())
-                    cv_total += int(held.sum())
-                rec["cv_acc"] = 100.0 * cv_correct / cv_total
-                correct, total = correct + cv_correct, total + cv_total
+            try:
+                adapter.fit(train, val)
+                adapter.tune(val)
+                logits, labels = predict_split(adapter, val)
+                correct, total = int((logits.argmax(-1) == labels).sum()), len(labels)
+                rec["val_acc"] = 100.0 * correct / total
+                if use_cv:
+                    cv_correct, cv_total = 0, 0
+                    for f in range(shots):
+                        held = folds == f
+                        rest = _subset(train, ~held)
+                        # The context carries the support too (Tip-Adapter builds its cache from it): the held-out
+                        # shot must be absent from both.
+                        part = self._fit(name, dataclasses.replace(ctx, support=rest), rest, val)
+                        cv_logits = part.predict(train.keys[held])
+                        del part
+                        cv_correct += int((cv_logits.argmax(-1) == train.labels[held]).sum())
+                        cv_total += int(held.sum())
+                    rec["cv_acc"] = 100.0 * cv_correct / cv_total
+                    correct, total = correct + cv_correct, total + cv_total
+            except FIT_FAILURES as err:
+                rec["failed"] = failed[name] = f"{type(err).__name__}: {err}"
+                rec["seconds"] = time.perf_counter() - t
+                records[name] = rec
+                log.warning("auto: dropping %s, its fit failed: %s", name, rec["failed"])
+                del adapter
+                continue
             rec["score"] = 100.0 * correct / total
             rec["seconds"] = time.perf_counter() - t
             records[name] = rec
@@ -192,11 +212,14 @@ class Auto(Adapter):
             if best is None or rec["score"] > best[0]:  # strict: ties keep the candidate listed first
                 best = (rec["score"], name, adapter)  # the previous best is dropped here
             del adapter
+        if best is None:
+            reasons = "; ".join(f"{n}: {r}" for n, r in {**failed, **skipped}.items())
+            raise DegenerateFitError(f"auto: no candidate could be fitted ({reasons})")
         _, self._choice, self.chosen = best
         rule = "val accuracy pooled with a support-set cross-validation" if use_cv else "val accuracy"
         log.info("auto: chose %s (%s %.2f%%)", self._choice, rule, records[self._choice]["score"])
         return {"chosen": self._choice, "rule": rule + "; ties keep the candidate listed first (cheaper)",
-                "candidates": records, "budget_s": self.budget_s, "skipped": skipped,
+                "candidates": records, "budget_s": self.budget_s, "skipped": skipped, "failed": failed,
                 "seconds": round(time.perf_counter() - start, 3)}
 
     def tune(self, val: FeatureSplit) -> dict[str, Any]:
