@@ -387,8 +387,7 @@ class APET(TrainsOnFeatures, APE):
         return self.keys.index_add(1, self.channels, self.residual[self.values])
 
     def text_logits(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.ctx.logit_scale if self.ctx is not None else 100.0
-        return scale * x.float() @ self.text_weights().t()
+        return self.logit_scale * x.float() @ self.text_weights().t()
 
     def shifted_affinity(self, x: torch.Tensor) -> torch.Tensor:
         """``f cache_keys()^T - 1`` without building the ``[N, D]`` keys: ``f K^T + (f_S R^T)[:, labels] - 1``.

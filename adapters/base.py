@@ -183,10 +183,14 @@ class Adapter(nn.Module, ABC):
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ shared pieces
+    @property
+    def logit_scale(self) -> float:
+        """The scale of cosine logits: the backbone's (``AdapterContext.logit_scale``); CLIP's 100 before ``setup``."""
+        return self.ctx.logit_scale if self.ctx is not None else 100.0
+
     def zero_shot_logits(self, features: torch.Tensor) -> torch.Tensor:
         """CLIP's zero-shot logits: ``logit_scale * f @ text_head^T``, ``[B, D] -> [B, C]``."""
-        scale = self.ctx.logit_scale if self.ctx is not None else 100.0
-        return scale * features.float() @ self.text_head.t()
+        return self.logit_scale * features.float() @ self.text_head.t()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:

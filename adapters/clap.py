@@ -135,8 +135,7 @@ class CLAP(TrainsOnFeatures, Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D] -> [B, C]``: scaled cosine with the prototypes."""
-        scale = self.ctx.logit_scale if self.ctx is not None else 100.0
-        return scale * x.float() @ F.normalize(self.prototypes, dim=-1).t()
+        return self.logit_scale * x.float() @ F.normalize(self.prototypes, dim=-1).t()
 
     def fit(self, train_set: SupportSet, val: FeatureSplit) -> dict[str, Any]:
         """Train on the support set only; ``val`` is never read (the last epoch is kept)."""

@@ -78,5 +78,4 @@ class TaskRes(TrainsOnFeatures, Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D] -> [B, C]``."""
-        scale = self.ctx.logit_scale if self.ctx is not None else 100.0
-        return scale * x.float() @ self.classifier().t()
+        return self.logit_scale * x.float() @ self.classifier().t()
