@@ -3,7 +3,9 @@
 A bottleneck MLP on the image features, ``D -> D/reduction -> D`` (no biases, ReLU after each layer), mixed
 back with a residual ratio r:
 
-    f' = normalize(r * MLP(f) + (1 - r) * f),   logits = 100 f' W_text^T
+    f' = normalize(r * MLP(f) + (1 - r) * f),   logits = s f' W_text^T
+
+with s the backbone's logit scale (``logit_scale.exp()`` in the reference: 100 for CLIP).
 
 The reference applies the MLP to unnormalised encoder outputs; here the inputs are the cached normalised
 features (the MLP learns the scale). The repository fixes r = 0.2 while the paper tunes it per dataset:

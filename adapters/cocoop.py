@@ -3,7 +3,9 @@
 CoOp plus a light meta-net, ``Linear(D, D/16) -> ReLU -> Linear(D/16, W)``, that turns each image's features
 into a bias added to every context vector, so every image gets its own prompts:
 
-    ctx_i = ctx + meta_net(f_i),   logits_i = 100 f_i . normalize(text(ctx_i, class))
+    ctx_i = ctx + meta_net(f_i),   logits_i = s f_i . normalize(text(ctx_i, class))
+
+with s the backbone's logit scale (``logit_scale.exp()`` in the reference: 100 for CLIP).
 
 Defaults are CoCoOp's: M = 4 initialised from "a photo of a", SGD lr 0.002, cosine, 1 warmup epoch, batch 1,
 10 epochs. Each step encodes B x C prompts, which is why the reference trains with batch 1 and why CoCoOp is

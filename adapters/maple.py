@@ -9,7 +9,8 @@ Deep prompts in both towers, coupled: the vision prompts are projected from the 
   vision blocks 1 .. J-1 they are replaced by ``F_j(t_j)``. The coupling functions ``F_j`` are
   ``Linear(W_t, W_v)``; as in the reference, the J-1 deep ones start as copies of one initialisation. After
   block J-1 the prompt tokens flow on through the remaining blocks and are dropped before pooling.
-* logits = 100 * normalize(image(x; prompts)) . normalize(text(class; prompts)).
+* logits = s * normalize(image(x; prompts)) . normalize(text(class; prompts)), s the backbone's logit scale
+  (``logit_scale.exp()`` in the reference: 100 for CLIP).
 
 Defaults are the reference's ViT-B/16 config: M = 2 from "a photo of a", depth J = 9, SGD lr 0.0035, cosine,
 1 warmup epoch at 1e-5, batch 4, 5 epochs. It trains in pixel mode (the image encoder sees the prompts, so

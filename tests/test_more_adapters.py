@@ -386,6 +386,35 @@ def test_kgcoop_loss_adds_the_term_to_cross_entropy_with_one_text_pass(tiny, mon
     assert kg.context.grad is not None and kg.context.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("scale, weight_logit_scale, expected_weight", [
+    (14.16, 100.0, 1.1328),  # fewclip-mini's temperature: 8.0 x 14.16 / 100
+    (100.0, 100.0, 8.0),  # CLIP's: the reference's weight
+    (14.16, None, 8.0),  # unscaled
+])
+def test_kgcoop_loss_written_out_with_the_weight_at_the_runs_logit_scale(tiny, scale, weight_logit_scale,
+                                                                         expected_weight):
+    support, _, _ = _prompt_task(tiny)
+    sketch = tiny.text_head(NAMES, ["a sketch of a {}."])
+    kg = KgCoOp(weight_logit_scale=weight_logit_scale)
+    kg.setup(AdapterContext(classnames=NAMES, text_head=sketch, support=support, seed=1, progress=False,
+                            backbone=tiny, logit_scale=scale))
+    kg.train()
+    x, y = support.keys[:5], support.labels[:5]
+    loss = float(kg.loss(kg(x), y).detach())
+    # Written out: at initialisation the learned prompts are the words "a photo of a {c}."; cross-entropy on
+    # s x cosine, plus 8.0 x s / 100 x (1 - mean_c cos(w_c, t_c)).
+    w = F.normalize(tiny.encode_texts([f"a photo of a {n}." for n in NAMES]).double(), dim=-1)
+    t = F.normalize(sketch.double(), dim=-1)
+    expected = F.cross_entropy(scale * x.double() @ w.T, y) + expected_weight * (1 - (w * t).sum(dim=1).mean())
+    assert loss == pytest.approx(float(expected), rel=1e-4)
+    assert kg.knowledge_weight == pytest.approx(expected_weight)
+
+
+def test_kgcoop_refuses_a_non_positive_weight_logit_scale():
+    with pytest.raises(ValueError, match="weight_logit_scale"):
+        KgCoOp(weight_logit_scale=0.0)
+
+
 def test_kgcoop_learns_and_stays_nearer_the_handcrafted_prompts_than_coop(tiny):
     support, val, test = _prompt_task(tiny)
     head = tiny.text_head(NAMES, ["a photo of a {}."])
