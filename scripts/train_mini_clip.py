@@ -615,6 +615,25 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     path.with_suffix(".json").write_text(json.dumps({**state, "opt_steps": steps}))
 
 
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys in sorted order, in place.
+
+    safetensors writes the metadata map in no fixed order (two runs writing the same tensors could give files with
+    different sha256); sorted, the same weights always give the same bytes, so a retraining can be checked by the
+    file's hash. The tensors' entries, their offsets and the header's length are unchanged.
+    """
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > n:
+        raise ValueError(f"{path}: the re-serialised header ({len(text)} bytes) is longer than the original ({n})")
+    raw[8 : 8 + n] = text + b" " * (n - len(text))  # safetensors pads its header with spaces
+    path.write_bytes(bytes(raw))
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     from safetensors.torch import load_file
 
@@ -777,8 +796,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         wall = prev_wall + time.perf_counter() - t_wall
         cpu = prev_cpu + time.process_time() - t_cpu
         history.append({"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)),
-                        "temperature": float(1.0 / model.logit_scale.exp()),
-                        "logit_scale": float(model.logit_scale.exp()), **ret, "wall_s": round(wall, 1),
+                        "temperature": float(1.0 / model.logit_scale.detach().exp()),
+                        "logit_scale": float(model.logit_scale.detach().exp()), **ret, "wall_s": round(wall, 1),
                         "cpu_s": round(cpu, 1), "loadavg_1m": os.getloadavg()[0]})
         log.info("epoch %d: loss %.3f  temperature %.4f  held-out i2t top1 %.2f%% top5 %.2f%%  (%.0f s wall, "
                  "%.0f s CPU, load %.1f)", epoch + 1, history[-1]["loss"], history[-1]["temperature"],
@@ -790,6 +809,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     weights = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     tmp = args.out.with_name(args.out.name + ".tmp")
     save_file(weights, str(tmp), metadata={"format": "pt", "model": name})
+    canonical_header(tmp)
     tmp.replace(args.out)
     wall_total = prev_wall + time.perf_counter() - t_wall
     report = {"spec": run_spec, "stopped_after_epoch": history[-1]["epoch"], "data_counts": counts,
