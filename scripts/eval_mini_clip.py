@@ -28,10 +28,11 @@ log = logging.getLogger("eval_mini_clip")
 
 def load_dataset(name: str):
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(REPO / "conf" / "dataset" / f"{name}.yaml")
-    return instantiate(cfg)
+    from fewclip.config import compose
+
+    # composed as a run would (a dataset's YAML may select other config groups in its defaults list)
+    return instantiate(compose([f"dataset={name}"]).dataset)
 
 
 @torch.no_grad()
