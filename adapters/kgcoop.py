@@ -16,10 +16,10 @@ The weight and the temperature. The reference multiplies only the cross-entropy'
 (``logit_scale.exp()``: 100 for OpenAI CLIP), so lambda = 8.0 sets the balance of the two terms at a logit scale of
 100. fewclip applies ``lambda x s / weight_logit_scale`` (``knowledge_weight``) for a run of logit scale s, with
 ``weight_logit_scale`` = 100: exactly lambda for every CLIP model, the same balance for weights trained to another
-temperature. Measured with fewclip-mini (s = 14.16, digits, 16 shots, 100 epochs): with lambda = 8.0 unscaled, the
-knowledge term's gradient on the context at initialisation was 5.7 times the cross-entropy's (0.2 times at s = 100),
-the prompts stayed at the hand-crafted anchors and KgCoOp ended below zero-shot on val (12.5% vs 17.5%); with
-8.0 x 14.16 / 100 = 1.13 it ended at 27.5%. ``weight_logit_scale: null`` applies lambda as given.
+temperature. Measured with fewclip-mini's first weights (s = 14.16, digits, 16 shots, 100 epochs): with lambda =
+8.0 unscaled, the knowledge term's gradient on the context at initialisation was 5.7 times the cross-entropy's (0.2
+times at s = 100), the prompts stayed at the hand-crafted anchors and KgCoOp ended below zero-shot on val (12.5% vs
+17.5%); with 8.0 x 14.16 / 100 = 1.13 it ended at 27.5%. ``weight_logit_scale: null`` applies lambda as given.
 
 Defaults from the reference's configs: 4 context vectors initialised from "a photo of a", class token at the end,
 SGD lr 0.002 (momentum 0.9, weight decay 5e-4: Dassl's defaults), cosine, one warmup epoch at 1e-5, batch 128,

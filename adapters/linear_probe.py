@@ -32,8 +32,8 @@ Two searches:
   slowest to fit: at ImageNet scale each full-batch evaluation multiplies a ``[160k, 1024]`` by a ``[1024, 1000]``
   matrix, seconds on a CPU). The stop watches the loss, not the accuracy: at the strongly regularised end the val
   accuracy of a few val images sits on a noisy plateau (17.5%, 20%, 17.5%, 17.5% for C = 1e-3 ... 0.316 with
-  fewclip-mini on digits, where C = 100 reaches 45%), while the val loss falls steadily until the probe starts to
-  overfit. ``patience: 0`` fits every C.
+  fewclip-mini's first weights on digits, where C = 100 reaches 45%), while the val loss falls steadily until the
+  probe starts to overfit. ``patience: 0`` fits every C.
 - ``search: lpclip``: CoOp's ``lpclip/linear_probe.py`` (KaiyangZhou/CoOp), the CLIP paper's appendix A.3 sweep:
   C from {1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6} (the first best on val), then ``lpclip_steps`` = 8 rounds of a
   binary search in log10(C) between 0.1 and 10 times the peak, each round fitting both ends and keeping the better

@@ -82,10 +82,11 @@ def logit_scale_of(model: Any, trained: bool, given: float | None = None) -> tup
     and its successors read it from the model (``trainers/coop.py``: ``logit_scale.exp()``), Tip-Adapter writes
     the 100 that CLIP learned. For weights trained like CLIP the two agree: the learned value, clamped at 100 as CLIP
     clamps it in training (so OpenAI's 4.6052 gives exactly 100). A model trained to another temperature keeps its
-    own (fewclip-mini: 14.16): its cosines were calibrated at that scale, and at 100 the prompt learners' first
-    steps see logits seven times too confident, collapse every class prompt onto one embedding and stop (CoOp on
-    digits: loss ln 10 after one epoch). A randomly initialised model (``trained`` False) has no learned temperature
-    and gets CLIP's 100. ``given`` (``backbone.logit_scale``) overrides both.
+    own (fewclip-mini: 17.92; its first weights 14.16): its cosines were calibrated at that scale, and at 100 the
+    prompt learners' first steps see logits several times too confident, collapse every class prompt onto one
+    embedding and stop (CoOp on digits with fewclip-mini's first weights: loss ln 10 after one epoch). A randomly
+    initialised model (``trained`` False) has no learned temperature and gets CLIP's 100. ``given``
+    (``backbone.logit_scale``) overrides both.
     """
     if given is not None:
         if not float(given) > 0:

@@ -29,7 +29,7 @@ checkpoint (safetensors + JSON; no pickles). The weights are written as fp16 saf
 state-dict layout, loadable by ``open_clip.create_model(name, pretrained=FILE)`` and by
 ``fewclip run backbone=open_clip backbone.model=NAME backbone.pretrained=FILE``.
 
-    python scripts/train_mini_clip.py                 # the shipped model (7 epochs; resumes an interrupted run)
+    python scripts/train_mini_clip.py                 # the shipped model (30 epochs; resumes an interrupted run)
     python scripts/train_mini_clip.py --epochs 2 --out /tmp/mini.safetensors   # a short trial
     python scripts/train_mini_clip.py --sources openclipart,emoji,glyphs,csv:my_pairs.csv --epochs 40 \\
         --model-config my_bigger.json --out my_model.safetensors
@@ -673,7 +673,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
                    help="comma-separated: openclipart, emoji, glyphs, csv:PATH (columns path,caption)")
     p.add_argument("--model-config", type=Path, default=CONFIG_DIR / "fewclip-mini.json",
                    help="open_clip model config JSON (its file stem is the model name)")
-    p.add_argument("--epochs", type=int, default=7)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.1)
