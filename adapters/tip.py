@@ -12,12 +12,13 @@ makes that sum K contiguous slices (``class_sum``). alpha and beta are searched 
 (``configs/*.yaml search_scale``: [7, 3] for ImageNet, up to [50, 50] for Flowers); ``protocol=reference`` uses
 exactly that (``grid: linear``, ``conf/recipe/tip.yaml``). The useful values depend on the backbone too: beta
 multiplies the distance ``1 - f K^T``, so a backbone whose image features crowd into a narrow cone needs a sharper
-kernel, and alpha must then grow as ``exp(-beta (1 - f K^T))`` shrinks. fewclip-mini on digits (mean cosine 0.875
-between test images, nearest-key distance ~0.015 against 0.08 to the median key) has its val optimum near beta 100,
-alpha 30, far outside ImageNet's range: on that grid the search kept zero-shot. So fewclip's own protocol, which
-knows neither the dataset's nor the backbone's ranges, searches both axes log-spaced over [0.1, 1000] (``grid: log``
-in ``conf/adapter/tip.yaml``, as many points as the reference, 200 x 20): it holds every per-dataset range of the
-reference, and the val split chooses. ``grid=linear beta_max=7 alpha_max=3`` restores ImageNet's grid.
+kernel, and alpha must then grow as ``exp(-beta (1 - f K^T))`` shrinks. fewclip-mini's first weights on digits
+(mean cosine 0.875 between test images, nearest-key distance ~0.015 against 0.08 to the median key) had their val
+optimum near beta 100, alpha 30, far outside ImageNet's range: on that grid the search kept zero-shot. So fewclip's
+own protocol, which knows neither the dataset's nor the backbone's ranges, searches both axes log-spaced over [0.1,
+1000] (``grid: log`` in ``conf/adapter/tip.yaml``, as many points as the reference, 200 x 20): it holds every
+per-dataset range of the reference, and the val split chooses. ``grid=linear beta_max=7 alpha_max=3`` restores
+ImageNet's grid.
 
 **Large caches** (``lookup``, ``adapters/topk.py``): above ``dense_max_keys`` keys (``lookup: auto``), or always with
 ``lookup: topk``, each query's affinity is taken over its k nearest keys only, found through the support store's

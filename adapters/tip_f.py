@@ -9,8 +9,9 @@ per image per epoch): ``ceil(C K / 256)`` steps, 63 at ImageNet's 16,000 images.
 
 The reference trains at (beta, alpha) set by hand per dataset (``configs/*.yaml`` init_beta, init_alpha: beta 1
 everywhere), which ``protocol=reference`` keeps (``train_at: fixed``). fewclip's protocol first searches them on val
-with the untrained cache (``train_at: search``, ``tip.fit_from_start``) and trains there: on fewclip-mini digits
-beta 1 makes the kernel nearly flat (the val optimum is near beta 100), and training there ended 18 points lower.
+with the untrained cache (``train_at: search``, ``tip.fit_from_start``) and trains there: on fewclip-mini's first
+weights on digits beta 1 made the kernel nearly flat (the val optimum was near beta 100), and training there ended
+18 points lower.
 Where the searched point saturates (support loss exactly 0: no gradient), training falls back to the configured
 values, with a warning (``tip.fit_from_start``).
 

@@ -387,7 +387,7 @@ def test_kgcoop_loss_adds_the_term_to_cross_entropy_with_one_text_pass(tiny, mon
 
 
 @pytest.mark.parametrize("scale, weight_logit_scale, expected_weight", [
-    (14.16, 100.0, 1.1328),  # fewclip-mini's temperature: 8.0 x 14.16 / 100
+    (14.16, 100.0, 1.1328),  # fewclip-mini's first weights' temperature: 8.0 x 14.16 / 100
     (100.0, 100.0, 8.0),  # CLIP's: the reference's weight
     (14.16, None, 8.0),  # unscaled
 ])
